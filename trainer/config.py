@@ -1,0 +1,246 @@
+"""TrainConfig: every setting of one training run, as plain pydantic data.
+
+Defaults follow ../shared/spec/algorithms.md (ECT CIFAR-10 code unless noted). Unknown keys are
+errors everywhere (``extra="forbid"``), so a typo in a YAML file never silently does nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainer.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Which images to train on. Tensors are in [-1, 1]; labels are 0..num_classes-1."""
+
+    name: Literal["digits", "fashion_mnist", "cifar10", "imagenet64", "folder"] = "digits"
+    root: Path | None = None  # data directory; None = the dataset's default location
+    resolution: int | None = Field(None, gt=0)  # digits: 8 (native) or 16; others: native size
+    conditional: bool = False  # train a class-conditional model (labels go to the network)
+    on_device: bool = True  # keep the whole dataset as one tensor on the training device
+
+
+class NetworkConfig(_Strict):
+    """EDM-style U-Net (DDPM++ flavour) size knobs."""
+
+    model_channels: int = Field(32, gt=0)  # base width
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2])
+    num_blocks: int = Field(2, gt=0)  # residual blocks per resolution
+    attn_resolutions: list[int] = Field(default_factory=list)  # resolutions with self-attention
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    embedding: Literal["positional", "fourier"] = "positional"
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _positive_mults(cls, v: list[int]) -> list[int]:
+        if not v or any(m <= 0 for m in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+
+class PrecondConfig(_Strict):
+    """EDM preconditioning (spec §1)."""
+
+    sigma_data: float = Field(0.5, gt=0.0)
+    sigma_min: float = Field(0.002, gt=0.0)  # sampler's lowest noise level
+    sigma_max: float = Field(80.0, gt=0.0)  # sampler's highest noise level
+    sigma_min_shift: float = Field(0.003, ge=0.0)  # eval-mode boundary shift (ECT CIFAR); 0 = off
+
+
+class PretrainConfig(_Strict):
+    """Phase one: EDM diffusion pretraining (spec §2). Its checkpoint initialises tuning."""
+
+    iterations: int = Field(2000, ge=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    p_mean: float = -1.2
+    p_std: float = Field(1.2, gt=0.0)
+    checkpoint: Path | None = None  # use this pretrained checkpoint instead of training one
+
+
+class ScheduleConfig(_Strict):
+    """ECT noise distribution, mapping r(t) and stage curriculum (spec §3, §4.2)."""
+
+    p_mean: float = -1.1
+    p_std: float = Field(2.0, gt=0.0)
+    mapping: Literal["sigmoid", "const"] = "sigmoid"
+    q: float = Field(2.0, gt=1.0)
+    k: float = Field(8.0, ge=0.0)
+    b: float = 1.0
+    double_every: int | None = Field(None, gt=0)  # stage_iters; None = iterations / 8
+    smooth: bool = False  # SCT [R]: continuous stage s(i) = i / stage_iters
+    clamp_t: bool = False  # clamp t to [sigma_min, sigma_max] (ECT does not)
+
+
+class IctConfig(_Strict):
+    """iCT discretization curriculum (spec §6)."""
+
+    s0: int = Field(10, gt=0)
+    s1: int = Field(1280, gt=0)
+    rho: float = Field(7.0, gt=0.0)
+
+
+class LossConfig(_Strict):
+    """Distance and weighting (spec §3 steps 5-6)."""
+
+    distance: Literal["l2", "pseudo_huber"] = "l2"
+    c: float | None = Field(None, ge=0.0)  # pseudo-Huber c; None = method default (ECT 1e-8, iCT 0.00054*sqrt(d))
+    weighting: Literal["inv_dt", "snrpk"] = "inv_dt"
+
+
+class SctConfig(_Strict):
+    """SCT variance-reduced target (spec §4.1) and phased training (§4.3)."""
+
+    ref_batch: int | Literal["all"] = 256  # reference-set size n, own sample included; 1 = ECT
+    phases: int = Field(1, gt=0)  # 1 = ordinary ECT/SCT; M > 1 = phased (multistep) model
+    log_ess: bool = True  # log effective sample size per t bucket
+
+    @field_validator("ref_batch")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive integer or 'all'")
+        return v
+
+
+class GuidanceConfig(_Strict):
+    """SCT's guidance (spec §4.5): a weaker EMA snapshot guides the model; classic CFG optional."""
+
+    mode: Literal["auto", "classic"] = "auto"  # auto = guide with an earlier EMA snapshot
+    strength: float = Field(1.0, ge=0.0)  # w; 1 = no guidance
+    bad_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # when the "bad" EMA snapshot is taken
+    snapshot_fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # classic mode only
+
+
+class SamplerConfig(_Strict):
+    """Samplers (spec §4.4, §5)."""
+
+    t_mid: float = Field(0.821, gt=0.0)  # 2-step intermediate time (CIFAR-10 value)
+    steps: list[int] = Field(default_factory=lambda: [1, 2])  # step counts evaluated
+    eta: float = Field(0.0, ge=0.0, le=1.0)  # edge-skipping eta
+    edge_skip_mode: Literal["ddim_skip", "renoise"] = "renoise"
+    rho: float = Field(7.0, gt=0.0)  # spacing of N-step time lists / phase edges
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_positive(cls, v: list[int]) -> list[int]:
+        if not v or any(s < 1 for s in v):
+            raise ValueError("must be a non-empty list of integers >= 1")
+        return v
+
+
+class OptimConfig(_Strict):
+    """Optimiser of the tuning phase (spec §3 step 7)."""
+
+    name: Literal["radam", "adam"] = "radam"
+    lr: float = Field(1e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = Field(128, gt=0)
+    grad_clip: float | None = Field(None, gt=0.0)
+
+
+class EmaConfig(_Strict):
+    """EMA of the weights (spec §3, §8)."""
+
+    beta: float = Field(0.9999, gt=0.0, lt=1.0)
+    warmup: bool = True  # beta_i = min(beta, (1 + i) / (10 + i)): sizes the EMA to short runs
+
+
+class EvalConfig(_Strict):
+    """FID-vs-iteration evaluation (issue 3)."""
+
+    every: int = Field(100, gt=0)  # iterations between evaluations
+    fid_samples: int = Field(1000, gt=0)
+    batch_size: int = Field(500, gt=0)
+    online: bool = True  # also score the online (non-EMA) weights
+    inception_weights: Path | None = None  # required for cifar10 / imagenet64
+    save_grid: bool = True
+
+
+class TrainConfig(_Strict):
+    """One training run: phase one (pretrain) then phase two (method), then evaluation."""
+
+    method: Literal["edm", "ect", "sct", "ict"] = "sct"
+    iterations: int = Field(400, ge=0)  # tuning iterations (phase two)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    out_dir: Path = Path("runs/default")
+    checkpoint_every: int = Field(100, gt=0)
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    precond: PrecondConfig = Field(default_factory=PrecondConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    ict: IctConfig = Field(default_factory=IctConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    sct: SctConfig = Field(default_factory=SctConfig)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.guidance.mode == "classic" and not self.data.conditional:
+            raise ValueError("guidance.mode: classic needs data.conditional: true")
+        return self
+
+    @property
+    def stage_iters(self) -> int:
+        """Iterations per ECT stage: `schedule.double_every`, else iterations / 8 (spec §3)."""
+        return self.schedule.double_every or max(1, self.iterations // 8)
+
+
+def format_validation_error(err: Exception, prefix: str = "") -> str:
+    """One line naming the first offending field path, e.g. `sct.ref_batch: must be ...`."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        e = err.errors()[0]
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the documented fields)"
+        return f"{loc}: {msg}" if loc else msg
+    return str(err)
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """Read a TrainConfig YAML file; raise ConfigError with a one-line message on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of settings")
+    try:
+        return TrainConfig.model_validate(raw)
+    except Exception as e:  # pydantic.ValidationError
+        raise ConfigError(f"{path}: {format_validation_error(e)}") from None
