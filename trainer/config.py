@@ -92,8 +92,10 @@ class IctConfig(_Strict):
 class LossConfig(_Strict):
     """Distance and weighting (spec §3 steps 5-6)."""
 
-    distance: Literal["l2", "pseudo_huber"] = "l2"
-    c: float | None = Field(None, ge=0.0)  # pseudo-Huber c; None = method default (ECT 1e-8, iCT 0.00054*sqrt(d))
+    # pseudo_huber: sqrt(L + c^2) - c of the per-sample squared L2 sum L (ECT's default, with c ~ 0 = sqrt(L));
+    # l2: L itself.
+    distance: Literal["l2", "pseudo_huber"] = "pseudo_huber"
+    c: float | None = Field(None, ge=0.0)  # None = method default (ECT/SCT 1e-8, iCT 0.00054*sqrt(d))
     weighting: Literal["inv_dt", "snrpk"] = "inv_dt"
 
 
@@ -127,7 +129,9 @@ class SamplerConfig(_Strict):
 
     t_mid: float = Field(0.821, gt=0.0)  # 2-step intermediate time (CIFAR-10 value)
     steps: list[int] = Field(default_factory=lambda: [1, 2])  # step counts evaluated
-    eta: float = Field(0.0, ge=0.0, le=1.0)  # edge-skipping eta
+    # N-step (N > 2) sampling; renoise with eta = 1 is the standard stochastic CM sampler, eta = 0 lands
+    # deterministically on each edge; ddim_skip with eta = 0 is edge-to-edge, eta > 0 skips past edges.
+    eta: float = Field(1.0, ge=0.0, le=1.0)
     edge_skip_mode: Literal["ddim_skip", "renoise"] = "renoise"
     rho: float = Field(7.0, gt=0.0)  # spacing of N-step time lists / phase edges
 
@@ -165,6 +169,7 @@ class EvalConfig(_Strict):
     online: bool = True  # also score the online (non-EMA) weights
     inception_weights: Path | None = None  # required for cifar10 / imagenet64
     save_grid: bool = True
+    at_start: bool = True  # also evaluate before the first tuning step (the curve's starting point)
 
 
 class TrainConfig(_Strict):
@@ -177,7 +182,8 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     out_dir: Path = Path("runs/default")
-    checkpoint_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(100, gt=0)  # also written at every evaluation
+    log_every: int = Field(10, gt=0)  # iterations between loss/cost reports
 
     data: DataConfig = Field(default_factory=DataConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)

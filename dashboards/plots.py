@@ -1,0 +1,253 @@
+"""PNG figures of a sweep: FID curves, the scaling fit, one ablation panel per axis, sample grids.
+
+Figures are built with `matplotlib.figure.Figure` (Agg canvas, no pyplot state), so drawing is
+safe in any thread or process. One colour per trial group (trials that differ only in seed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from dashboards.loader import SweepResults, Trial, parse_value
+from dashboards.scaling import X_LABELS, ScalingResult
+
+log = logging.getLogger(__name__)
+
+SEED_AXES = ("seed",)
+# Ablation axes drawn whenever they vary across trials, tagged as an axis or not.
+ABLATION_PARAMS = ("schedule.mapping", "schedule.q", "schedule.double_every", "schedule.smooth",
+                   "sct.ref_batch", "sampler.eta", "guidance.strength")
+STEP_STYLES = {1: "-", 2: "--"}
+DPI = 110
+
+
+def _style(k: int) -> str:
+    return STEP_STYLES.get(k, ":")
+
+
+def _steps_label(k: int) -> str:
+    return f"{k}-step"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    log.info("wrote %s", path)
+    return path
+
+
+def _short(name: str, names: Sequence[str]) -> str:
+    """Last dotted component when it is unambiguous among `names`, else the full path."""
+    last = name.rsplit(".", 1)[-1]
+    return last if sum(n.rsplit(".", 1)[-1] == last for n in names) == 1 else name
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def trial_value(t: Trial, axis: str) -> object:
+    """A trial's value on an axis: its `sct.axis.*` tag, else its logged param."""
+    return t.axes[axis] if axis in t.axes else parse_value(t.params.get(axis))
+
+
+def group_axes(res: SweepResults) -> list[str]:
+    """Axes that define a trial group: every swept axis except the seed."""
+    return [a for a in res.axis_names if a not in SEED_AXES]
+
+
+def group_label(t: Trial, axes: Sequence[str]) -> str:
+    if not axes:
+        return t.trial_id
+    return ", ".join(f"{_short(a, axes)}={_fmt(trial_value(t, a))}" for a in axes)
+
+
+def group_colours(labels: Sequence[str]) -> dict[str, tuple]:
+    """One colour per distinct label, in first-seen order (tab10, then viridis for many groups)."""
+    import matplotlib
+
+    uniq = list(dict.fromkeys(labels))
+    cmap = matplotlib.colormaps["tab10" if len(uniq) <= 10 else "viridis"]
+    n = max(len(uniq) - 1, 1)
+    return {g: cmap(i if len(uniq) <= 10 else i / n) for i, g in enumerate(uniq)}
+
+
+def _log_if_wide(ax, axis: str, values: np.ndarray, ratio: float = 10.0) -> None:
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size and v.max() / v.min() >= ratio:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+
+
+def plot_fid_curves(res: SweepResults, path: Path) -> Path:
+    """FID vs tuning iteration, one colour per trial group; 1-step solid, 2-step dashed, N dotted."""
+    axes = group_axes(res)
+    labels = {t.trial_id: group_label(t, axes) for t in res.trials}
+    colours = group_colours(list(labels.values()))
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.add_subplot()
+    all_fid = []
+    for tid, g in res.history.groupby("trial_id", sort=True):
+        for k in res.fid_steps:
+            col = f"fid_{k}step"
+            pts = g[["step", col]].dropna().sort_values("step")
+            if pts.empty:
+                continue
+            all_fid.append(pts[col].to_numpy())
+            ax.plot(pts["step"], pts[col], _style(k), marker="o", ms=3, lw=1.5,
+                    color=colours[labels[tid]], alpha=0.9)
+    if not all_fid:
+        ax.text(0.5, 0.5, "no FID evaluations logged", ha="center", va="center", transform=ax.transAxes)
+    else:
+        _log_if_wide(ax, "y", np.concatenate(all_fid))
+    ax.set_xlabel("tuning iteration")
+    ax.set_ylabel("FID (EMA weights; lower is better)")
+    ax.set_title(f"{res.sweep}: FID during training ({len(res.trials)} trials)")
+    ax.grid(True, which="both", alpha=0.3)
+    group_handles = [Line2D([], [], color=c, lw=2, label=g) for g, c in colours.items()]
+    step_handles = [Line2D([], [], color="k", ls=_style(k), label=_steps_label(k)) for k in res.fid_steps]
+    first = ax.legend(handles=group_handles, title="trial group (seeds share a colour)" if axes else "trial",
+                      fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.add_artist(first)
+    ax.legend(handles=step_handles, title="sampler", fontsize=8, title_fontsize=8, loc="lower left",
+              bbox_to_anchor=(1.01, 0.0))
+    return _save(fig, path)
+
+
+def _fit_text(r: ScalingResult, xname: str) -> str:
+    f = r.fit
+    lines = [f"FID = a·{xname}^(−b) + c", f"a = {f.a:.3g}, b = {f.b:.3f}, c = {f.c:.3g}",
+             f"R² (log) = {f.r2:.3f}, n = {f.n_points}"]
+    if r.ci is not None:
+        lines.append(f"b 95% CI [{r.ci.low:.3f}, {r.ci.high:.3f}] ({r.ci.n_ok} resamples)")
+    elif r.ci_error:
+        lines.append(f"no CI: {r.ci_error}")
+    lines.append(f"log-log line: b = {f.loglog_b:.3f}, R² = {f.loglog_r2:.3f}")
+    return "\n".join(lines)
+
+
+def plot_scaling(results: Sequence[ScalingResult], path: Path) -> Path:
+    """FID vs one cost quantity, one panel per sampler: Pareto points, the fit, its CI band."""
+    if not results or len({r.x for r in results}) != 1:
+        raise ValueError("plot_scaling takes the fits of exactly one cost quantity")
+    x = results[0].x
+    xname = {"flops": "C", "images_seen": "D", "params": "N"}.get(x, "x")
+    fig = Figure(figsize=(6.2 * len(results), 5.2))
+    for i, r in enumerate(sorted(results, key=lambda r: r.steps)):
+        ax = fig.add_subplot(1, len(results), i + 1)
+        ax.scatter(r.C, r.fid, s=12, color="0.7", label="all evaluations", zorder=1)
+        fc, ff = r.C[r.frontier], r.fid[r.frontier]
+        ax.scatter(fc, ff, s=36, color="C0", edgecolor="k", lw=0.5, label="Pareto frontier (fitted)", zorder=3)
+        if r.fit is not None:
+            grid = np.logspace(np.log10(r.C.min()), np.log10(r.C.max()), 200)
+            if r.ci is not None:
+                lo, hi = r.ci.band(grid)
+                ax.fill_between(grid, lo, hi, color="C3", alpha=0.18, lw=0, label="95% bootstrap band")
+            ax.plot(grid, r.fit.predict(grid), color="C3", lw=2, label=f"a·{xname}^(−b) + c")
+            ax.plot(grid, r.fit.predict_loglog(grid), color="k", ls="--", lw=1, label="log-log line")
+            ax.text(0.02, 0.02, _fit_text(r, xname), transform=ax.transAxes, fontsize=8, va="bottom",
+                    bbox={"boxstyle": "round", "fc": "white", "ec": "0.6", "alpha": 0.9})
+        else:
+            ax.text(0.5, 0.5, f"no fit: {r.error}", transform=ax.transAxes, ha="center", va="center",
+                    fontsize=9, wrap=True, bbox={"boxstyle": "round", "fc": "#fff3f3", "ec": "C3"})
+        ax.set_xscale("log")
+        _log_if_wide(ax, "y", r.fid, ratio=3.0)
+        ax.set_xlabel(X_LABELS.get(x, x))
+        ax.set_ylabel(f"FID, {_steps_label(r.steps)} sampler")
+        ax.set_title(f"{_steps_label(r.steps)} FID vs {X_LABELS.get(x, x).split(' (')[0]}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    fig.text(0.5, -0.02, "Points fitted: the Pareto frontier (lowest FID reached at or below each "
+             f"{X_LABELS.get(x, x).split(' (')[0]}) over all trials and evaluations; grey: every evaluation.",
+             ha="center", fontsize=8.5, style="italic")
+    return _save(fig, path)
+
+
+def ablation_axes(res: SweepResults) -> list[str]:
+    """Swept axes (except the seed) plus the known ablation params that vary across trials."""
+    axes = group_axes(res)
+    for p in ABLATION_PARAMS:
+        if p not in axes and len({t.params.get(p) for t in res.trials}) > 1:
+            axes.append(p)
+    return axes
+
+
+def _positions(values: list[object]) -> tuple[list[object], bool]:
+    """Sorted distinct axis values and whether the axis is numeric."""
+    uniq = list(dict.fromkeys(values))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in uniq)
+    return (sorted(uniq) if numeric else sorted(uniq, key=str)), numeric
+
+
+def plot_ablation(res: SweepResults, axis: str, path: Path) -> Path:
+    """Final FID vs one axis, per sampler; mean ± s.d. over seeds, one colour per other-axes group."""
+    others = [a for a in ablation_axes(res) if a != axis]
+    steps = res.fid_steps or [1]
+    fig = Figure(figsize=(5.6 * len(steps), 4.6))
+    values = [trial_value(t, axis) for t in res.trials]
+    order, numeric = _positions(values)
+    colours = group_colours([group_label(t, others) if others else "all trials" for t in res.trials])
+    for i, k in enumerate(steps):
+        ax = fig.add_subplot(1, len(steps), i + 1)
+        series: dict[str, dict[object, list[float]]] = {}
+        for t, v in zip(res.trials, values, strict=True):
+            fid = t.final.get(f"fid_{k}step")
+            if fid is not None and np.isfinite(fid):
+                series.setdefault(group_label(t, others) if others else "all trials", {}).setdefault(v, []).append(fid)
+        n_series = max(len(series), 1)
+        for j, (label, by_value) in enumerate(series.items()):
+            xs = [v for v in order if v in by_value]
+            pos = np.asarray(xs, float) if numeric else np.asarray([order.index(v) for v in xs], float)
+            if not numeric:
+                pos = pos + 0.08 * (j - (n_series - 1) / 2)  # dodge series on a categorical axis
+            means = np.asarray([np.mean(by_value[v]) for v in xs])
+            sds = np.asarray([np.std(by_value[v], ddof=1) if len(by_value[v]) > 1 else 0.0 for v in xs])
+            ns = sorted({len(by_value[v]) for v in xs})
+            colour = colours[label]
+            ax.errorbar(pos, means, yerr=sds, color=colour, marker="o", ms=5, capsize=4, lw=1.5,
+                        ls="-" if numeric else "none", label=f"{label} (n={'/'.join(map(str, ns))})")
+            for p, v in zip(pos, xs, strict=True):
+                ax.scatter([p] * len(by_value[v]), by_value[v], s=10, color=colour, alpha=0.4, zorder=1)
+        if not series:
+            ax.text(0.5, 0.5, f"no final {_steps_label(k)} FID logged", ha="center", va="center",
+                    transform=ax.transAxes)
+        if numeric:
+            _log_if_wide(ax, "x", np.asarray(order, float), ratio=20.0)
+            if len(order) <= 8:
+                ax.set_xticks(np.asarray(order, float), [_fmt(v) for v in order])
+                ax.minorticks_off()
+        else:
+            ax.set_xticks(range(len(order)), [_fmt(v) for v in order])
+            ax.set_xlim(-0.5, len(order) - 0.5)
+        ax.set_xlabel(axis)
+        ax.set_ylabel(f"final FID, {_steps_label(k)} sampler")
+        ax.set_title(f"{_steps_label(k)} FID vs {axis}")
+        ax.grid(True, alpha=0.3)
+        if series:
+            ax.legend(fontsize=7.5, title="mean ± s.d. over seeds", title_fontsize=7.5)
+    return _save(fig, path)
+
+
+def plot_sample_grids(grids: dict[int, Path], path: Path, title: str) -> Path:
+    """The best trial's sample grids side by side, one panel per sampler step count."""
+    if not grids:
+        raise ValueError("no sample grids to draw")
+    fig = Figure(figsize=(4 * len(grids), 4.4))
+    for i, (k, p) in enumerate(sorted(grids.items())):
+        ax = fig.add_subplot(1, len(grids), i + 1)
+        img = mpimg.imread(str(p))
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(f"{_steps_label(k)} sampler ({k} NFE)")
+        ax.set_axis_off()
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,355 @@
+"""SweepSpec: the sweep YAML as pydantic data, validated down to every value of every search axis.
+
+A sweep is a base TrainConfig (the defaults of every trial) plus a search space keyed by dotted
+TrainConfig paths (``sct.ref_batch``, ``network.model_channels``, ...). Every axis value is checked
+by building the TrainConfig it would produce, so an error names the exact spot, e.g.
+``search.sct.ref_batch.grid[2]: must be a positive integer or 'all'``. Relative paths are made
+absolute against the current directory here, once: Ray moves a trial's working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sct_sweeps.errors import SpecError
+from trainer.config import TrainConfig, format_validation_error
+
+AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+PATH_FIELDS = ("data.root", "pretrain.checkpoint", "eval.inception_weights", "out_dir")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+_INCEPTION_DATASETS = ("cifar10", "imagenet64")
+
+
+def project_dir() -> Path:
+    """Where default results, MLflow store and caches live: $SCT_PROJECT_DIR, else the current directory."""
+    return Path(os.environ.get("SCT_PROJECT_DIR") or Path.cwd()).resolve()
+
+
+def check_name(name: str, where: str = "name") -> str:
+    """A sweep name safe for paths and MLflow: letters, digits, `_`, `.`, `-`; no leading dot."""
+    if not _NAME_RE.match(name) or name in (".", ".."):
+        raise SpecError(f"{where}: {name!r} is not a valid sweep name; use letters, digits, '_', '.', '-'")
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Axis(_Strict):
+    """One search axis: exactly one of grid / choice (lists) or uniform / loguniform / randint ([lo, hi])."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None  # lo inclusive, hi exclusive (as Ray's tune.randint)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Axis:
+        given = [k for k in AXIS_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(AXIS_KINDS)} (got {len(given)})")
+        kind = given[0]
+        if kind in ("grid", "choice") and not getattr(self, kind):
+            raise ValueError(f"{kind}: must list at least one value")
+        if kind in ("uniform", "loguniform", "randint"):
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind}: needs lo < hi, got [{lo}, {hi}]")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform: needs lo > 0, got {lo}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """grid, choice, uniform, loguniform or randint."""
+        return next(k for k in AXIS_KINDS if getattr(self, k) is not None)
+
+    def probe_values(self) -> list[tuple[str, Any]]:
+        """(location, value) pairs that cover the axis: every listed value, or both ends of a range."""
+        kind = self.kind
+        v = getattr(self, kind)
+        if kind in ("grid", "choice"):
+            return [(f"{kind}[{i}]", x) for i, x in enumerate(v)]
+        hi = v[1] - 1 if kind == "randint" else v[1]  # randint's upper end is exclusive
+        return [(f"{kind}[0]", v[0]), (f"{kind}[1]", hi)]
+
+
+class SchedulerSpec(_Strict):
+    """Trial scheduler: `none` (every trial runs its full budget) or ASHA early stopping."""
+
+    type: Literal["none", "asha"] = "none"
+    time_attr: str = "iteration"  # any monotone reported key: iteration, images_seen, flops
+    grace_period: int = Field(100, gt=0)  # in time_attr units
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: int | None = Field(None, gt=0)  # None = the largest `iterations` of the sweep
+
+
+class Resources(_Strict):
+    """Resources of one trial (and of one pretraining task)."""
+
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float | Literal["auto"] = "auto"  # auto = 1 where the cluster has GPUs, else 0
+
+    @field_validator("gpu")
+    @classmethod
+    def _non_negative(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and v < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return v
+
+
+class Estimate(_Strict):
+    """Measured speed the plan's cost estimate scales from (iterations/s at `at_channels` width)."""
+
+    it_per_s: float = Field(gt=0.0)  # tuning iterations per second per trial
+    pretrain_it_per_s: float | None = Field(None, gt=0.0)  # None = same as it_per_s
+    at_channels: int = Field(32, gt=0)  # network.model_channels the speed was measured at
+    width_exponent: float = Field(1.5, ge=0.0)  # cost ~ (channels / at_channels) ** width_exponent
+    measured_on: str = ""  # free text: the machine the numbers come from
+
+
+class SweepSpec(_Strict):
+    """A whole sweep: base TrainConfig, search space, search algorithm, scheduler, resources, stores."""
+
+    name: str
+    description: str = ""
+    base: TrainConfig = Field(default_factory=TrainConfig)
+    search: dict[str, Axis]
+    algorithm: Literal["grid", "optuna"] = "grid"
+    metric: str = "fid_1step"  # what Optuna and ASHA optimise and `status` ranks by
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(1, gt=0)  # grid: repeats of the whole grid; optuna: number of trials
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(1, ge=-1)  # retries of a failed trial from its last checkpoint; -1 = forever
+    storage: Path | None = None  # Ray results root (absolute); None = <project>/ray_results
+    tracking_uri: str | None = None  # None = sqlite:////<project>/mlruns.db
+    artifact_root: Path | None = None  # local stores only; None = <project>/mlartifacts
+    pretrain_cache: Path | None = None  # None = <project>/.cache/pretrain; shared storage on a cluster
+    estimate: Estimate | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or v in (".", ".."):
+            raise ValueError("use letters, digits, '_', '.', '-' (no leading dot, at most 100 characters)")
+        return v
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_shorthand(cls, v: Any) -> Any:
+        return {"type": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        if not self.search:
+            raise ValueError("search: empty search space; add at least one axis (e.g. seed: {grid: [0, 1]})")
+        for path, axis in self.search.items():
+            _check_axis(self, path, axis)
+        steps = None if "sampler.steps" in self.search else self.base.sampler.steps
+        metric_re = r"fid_(\d+)step(_online)?"
+        m = re.fullmatch(metric_re, self.metric)
+        if self.metric != "loss" and (m is None or (steps is not None and int(m.group(1)) not in steps)):
+            known = ", ".join(f"fid_{k}step" for k in (steps or [1, 2]))
+            raise ValueError(f"metric: {self.metric!r} is not reported; use {known} (or _online), or loss")
+        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.max_iterations():
+            raise ValueError(
+                f"scheduler.grace_period: {self.scheduler.grace_period} exceeds the longest trial "
+                f"({self.max_iterations()} iterations)"
+            )
+        return self
+
+    def max_iterations(self) -> int:
+        """The largest tuning budget any trial can get."""
+        axis = self.search.get("iterations")
+        if axis is None:
+            return self.base.iterations
+        return int(max(v for _, v in axis.probe_values()))
+
+
+def _leaf_field(path: str) -> str | None:
+    """None if `path` names a setting of TrainConfig, else why not."""
+    model: type[BaseModel] = TrainConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            where = ".".join(parts[:i]) or "TrainConfig"
+            return f"unknown setting {part!r} in {where}"
+        ann = field.annotation
+        is_model = isinstance(ann, type) and issubclass(ann, BaseModel)
+        if i == len(parts) - 1:
+            return f"{path} is a section, not a setting; name one of its fields" if is_model else None
+        if not is_model:
+            return f"{'.'.join(parts[: i + 1])} is a setting, it has no field {parts[i + 1]!r}"
+        model = ann
+    return None
+
+
+def override(base: TrainConfig, flat: dict[str, Any]) -> TrainConfig:
+    """`base` with dotted-path settings replaced, validated as a whole (raises pydantic ValidationError)."""
+    raw = base.model_dump(mode="python")
+    for path, value in flat.items():
+        node = raw
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return TrainConfig.model_validate(raw)
+
+
+def _first_error(err: ValidationError, path: str) -> str:
+    """The pydantic message for `path`, or the whole first error when another field broke."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if loc == path or not loc:
+        return msg
+    return f"makes {format_validation_error(err)}"
+
+
+def _check_axis(spec: SweepSpec, path: str, axis: Axis) -> None:
+    where = f"search.{path}"
+    why = _leaf_field(path)
+    if why is not None:
+        raise ValueError(f"{where}: {why}")
+    if spec.algorithm == "optuna":
+        if axis.kind == "grid":
+            raise ValueError(f"{where}.grid: Optuna cannot search a grid; use choice (or algorithm: grid)")
+        if axis.kind == "choice" and any(not isinstance(v, (str, int, float, bool)) for v in axis.choice):
+            raise ValueError(f"{where}.choice: Optuna choices must be numbers, strings or booleans")
+    if axis.kind in ("uniform", "loguniform") and path in ("iterations", "seed"):
+        raise ValueError(f"{where}.{axis.kind}: {path} takes integers; use randint, grid or choice")
+    for loc, value in axis.probe_values():
+        try:
+            cfg = override(spec.base, {path: value})
+        except ValidationError as e:
+            raise ValueError(f"{where}.{loc}: {_first_error(e, path)}") from None
+        if path in PATH_FIELDS or path == "data.name":
+            check_files(cfg, f"{where}.{loc}")
+
+
+def absolute_paths(cfg: TrainConfig, relative_to: Path | None = None) -> TrainConfig:
+    """A copy whose path settings are absolute (relative ones taken against `relative_to` or the cwd)."""
+    root = (relative_to or Path.cwd()).resolve()
+    flat = {}
+    for path in PATH_FIELDS:
+        section, _, leaf = path.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, leaf)
+        if value is not None and not Path(value).is_absolute():
+            flat[path] = (root / value).resolve()
+    return override(cfg, flat) if flat else cfg
+
+
+def data_root(cfg: TrainConfig) -> Path | None:
+    """The directory the trainer will read `cfg.data` from (None for the bundled digits)."""
+    from trainer import data  # the trainer owns the default locations and their env variables
+
+    if cfg.data.name == "digits":
+        return None
+    if cfg.data.name == "folder":
+        return cfg.data.root
+    finder = {
+        "fashion_mnist": data._fmnist_root,
+        "cifar10": data._cifar_root,
+        "imagenet64": data._imagenet_root,
+    }
+    return Path(finder[cfg.data.name](cfg.data)).resolve()
+
+
+def check_files(cfg: TrainConfig, where: str = "base") -> None:
+    """Refuse missing data, pretrain checkpoint and Inception weights before anything runs."""
+    if cfg.data.name == "folder" and cfg.data.root is None:
+        raise SpecError(f"{where}: data.root: the folder dataset needs a directory of <class>/*.png")
+    root = data_root(cfg)
+    if root is not None and not root.is_dir():
+        raise SpecError(f"{where}: data.root: {root}: directory not found for dataset {cfg.data.name}")
+    ckpt = cfg.pretrain.checkpoint
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise SpecError(f"{where}: pretrain.checkpoint: {ckpt}: file not found")
+    weights = cfg.eval.inception_weights
+    if cfg.data.name in _INCEPTION_DATASETS and weights is None:
+        raise SpecError(
+            f"{where}: eval.inception_weights: {cfg.data.name} FID needs the Inception-v3 weights file "
+            "pt_inception-2015-12-05-6726825d.pth; set its local path"
+        )
+    if weights is not None and not Path(weights).is_file():
+        raise SpecError(f"{where}: eval.inception_weights: {weights}: file not found")
+
+
+def parse_spec(raw: Any, source: str = "spec", default_name: str | None = None) -> SweepSpec:
+    """Validate a loaded YAML mapping; raise SpecError with one line naming the field path."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: top level must be a mapping of settings (name, base, search, ...)")
+    raw = dict(raw)
+    if "name" not in raw and default_name is not None:
+        raw["name"] = default_name
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(f"{source}: {format_validation_error(e)}") from None
+    spec = spec.model_copy(update={"base": absolute_paths(spec.base)})
+    try:
+        check_files(spec.base)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+    return spec
+
+
+def load_spec(path: Path) -> SweepSpec:
+    """Read and validate a sweep YAML file (``yaml.safe_load``); the name defaults to the file stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: sweep file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise SpecError(f"{path}: invalid YAML{where}; check indentation and quoting") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file") from None
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)
+    return parse_spec(raw, str(path), default_name=stem)
+
+
+def spec_yaml(spec: SweepSpec) -> str:
+    """The validated spec as YAML (what is logged to MLflow and stored beside the results)."""
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def storage_root(spec: SweepSpec) -> Path:
+    """Absolute Ray results root; the sweep's results are in ``<root>/<name>``."""
+    return Path(spec.storage or project_dir() / "ray_results").expanduser().resolve()
+
+
+def artifact_root(spec: SweepSpec) -> Path:
+    """Absolute MLflow artifact root for local (SQLite) stores."""
+    return Path(spec.artifact_root or project_dir() / "mlartifacts").expanduser().resolve()
+
+
+def pretrain_cache(spec: SweepSpec) -> Path:
+    """Absolute content-addressed pretraining cache, shared by sweeps (shared storage on a cluster)."""
+    return Path(spec.pretrain_cache or project_dir() / ".cache" / "pretrain").expanduser().resolve()
+
+
+def tracking_uri(spec: SweepSpec, given: str | None = None) -> str:
+    """--tracking-uri / MLFLOW_TRACKING_URI, else the spec's, else ``sqlite:////<project>/mlruns.db``.
+
+    A relative SQLite path is made absolute (Ray moves the trial's working directory).
+    """
+    uri = given or spec.tracking_uri or f"sqlite:///{project_dir() / 'mlruns.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
+    elif "://" not in uri:  # a bare path: MLflow would read it as a file store, which 3.x refuses
+        raise SpecError(f"tracking_uri: {uri!r} needs a scheme: sqlite:////abs/path.db or http://host:port")
+    return uri

@@ -1,0 +1,166 @@
+"""Shared pretraining: each distinct phase-one config is trained once, into a content-addressed cache.
+
+The cache key hashes everything phase one (EDM pretraining, spec §2) depends on — data, network,
+preconditioning, pretrain settings, seed, precision — plus the trainer's source, and nothing that
+only the tuning phase reads. The driver builds every key the search space can produce before the
+Tuner starts (as Ray tasks, so on a cluster they spread over its nodes); a trial whose key could
+not be enumerated (a continuous axis on a pretraining field) builds it on first use, under a
+file lock so concurrent trials wait instead of training it twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from sct_sweeps.config import SweepSpec, override
+from trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("data", "network", "precond", "pretrain")  # TrainConfig sections phase one reads
+TOP_LEVEL = ("seed", "precision")
+_SOURCES = ("networks.py", "precond.py", "data.py", "loss.py", "train.py", "ema.py", "checkpoint.py")
+
+
+def is_pretrain_field(path: str) -> bool:
+    """Whether the dotted TrainConfig path changes the phase-one result."""
+    head = path.split(".")[0]
+    return (head in SECTIONS and path != "pretrain.checkpoint") or path in TOP_LEVEL
+
+
+def needs_pretrain(cfg: TrainConfig) -> bool:
+    """Phase one is needed: ECT / SCT (iCT trains from scratch), pretrain iterations > 0, no checkpoint."""
+    return cfg.method in ("ect", "sct") and cfg.pretrain.iterations > 0 and cfg.pretrain.checkpoint is None
+
+
+def _trainer_digest() -> str:
+    import trainer
+
+    h = hashlib.sha256()
+    root = Path(trainer.__file__).parent
+    for name in _SOURCES:
+        p = root / name
+        h.update(name.encode() + (p.read_bytes() if p.is_file() else b"-"))
+    return h.hexdigest()
+
+
+def pretrain_settings(cfg: TrainConfig) -> dict:
+    """The settings phase one depends on (the cache key's content)."""
+    dump = cfg.model_dump(mode="json")
+    out = {k: dump[k] for k in (*SECTIONS, *TOP_LEVEL)}
+    out["pretrain"] = {k: v for k, v in out["pretrain"].items() if k != "checkpoint"}
+    out["data"] = {k: v for k, v in out["data"].items() if k != "on_device"}
+    return out
+
+
+def pretrain_key(cfg: TrainConfig) -> str:
+    """Content address of phase one: sha256 of its settings and the trainer source (16 hex digits)."""
+    blob = json.dumps({"settings": pretrain_settings(cfg), "trainer": _trainer_digest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_path(cfg: TrainConfig, cache_dir: Path) -> Path:
+    """Where the phase-one checkpoint of `cfg` lives in the cache."""
+    return Path(cache_dir) / f"{pretrain_key(cfg)}.pt"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_pretrained(cfg: TrainConfig, cache_dir: Path) -> Path:
+    """The cached phase-one checkpoint of `cfg`, trained now (atomically, under a lock) if missing."""
+    target = cache_path(cfg, cache_dir)
+    if target.is_file():
+        return target
+    with _locked(target.with_suffix(".lock")):
+        if target.is_file():  # another process built it while we waited
+            return target
+        from trainer.train import pretrain
+
+        log.info("pretraining %s (%d iterations)", target.name, cfg.pretrain.iterations)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            pretrain(cfg, Path(tmp))
+            meta = {"key": target.stem, "settings": pretrain_settings(cfg)}
+            target.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def with_pretrain(cfg: TrainConfig, cache_dir: Path) -> TrainConfig:
+    """`cfg` with pretrain.checkpoint set to its cached phase one (built if missing) when it needs one."""
+    if not needs_pretrain(cfg):
+        return cfg
+    return override(cfg, {"pretrain.checkpoint": ensure_pretrained(cfg, cache_dir)})
+
+
+def enumerate_configs(spec: SweepSpec) -> tuple[list[TrainConfig], bool]:
+    """Distinct phase-one configs the sweep can produce, and whether that list is complete.
+
+    Only axes on pretraining fields matter; a continuous one (uniform / loguniform / randint)
+    cannot be enumerated, so its trials build their phase one on first use.
+    """
+    axes = {p: a for p, a in spec.search.items() if is_pretrain_field(p)}
+    complete = all(a.kind in ("grid", "choice") for a in axes.values())
+    listed = {p: a.grid or a.choice for p, a in axes.items() if a.kind in ("grid", "choice")}
+    configs: dict[str, TrainConfig] = {}
+    for combo in itertools.product(*listed.values()):
+        cfg = override(spec.base, dict(zip(listed, combo, strict=True)))
+        if needs_pretrain(cfg):
+            configs.setdefault(pretrain_key(cfg), cfg)
+    return list(configs.values()), complete
+
+
+def pretrain_all(
+    spec: SweepSpec,
+    cache_dir: Path,
+    resources: dict[str, float],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Path]:
+    """Build every missing enumerable phase one of the sweep as parallel Ray tasks; key -> checkpoint.
+
+    Needs ``ray.init`` first. A base with pretrain.checkpoint set needs nothing.
+    """
+    import ray
+
+    configs, _ = enumerate_configs(spec)
+    done = {pretrain_key(c): cache_path(c, cache_dir) for c in configs if cache_path(c, cache_dir).is_file()}
+    todo = [c for c in configs if pretrain_key(c) not in done]
+    if progress:
+        progress(len(done), len(configs))
+    if not todo:
+        return done
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=1)(_pretrain_task)
+    pending = {task.remote(c.model_dump_json(), str(cache_dir)): pretrain_key(c) for c in todo}
+    log.info("pretraining %d distinct phase-one configs (%d cached)", len(todo), len(done))
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(ready[0])
+        done[key] = Path(ray.get(ready[0]))
+        if progress:
+            progress(len(done), len(configs))
+    return done
+
+
+def _pretrain_task(cfg_json: str, cache_dir: str) -> str:
+    return str(ensure_pretrained(TrainConfig.model_validate_json(cfg_json), Path(cache_dir)))

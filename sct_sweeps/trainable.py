@@ -1,0 +1,149 @@
+"""One trial: its TrainConfig, its MLflow child run, and `trainer.train` with a Ray + MLflow reporter.
+
+Runs inside a Ray worker whose working directory Ray has moved, so every path here is absolute.
+Ray sets OMP_NUM_THREADS to the trial's CPUs and torch follows; nothing here changes thread counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sct_sweeps import tracking
+from sct_sweeps.config import SweepSpec, override
+from sct_sweeps.pretrain import with_pretrain
+from sct_sweeps.space import run_name, swept_values, trial_config
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "sct_run.json"  # written into every checkpoint: which MLflow run the trial logs to
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares (passed with `tune.with_parameters`, rebuilt on resume)."""
+
+    spec: SweepSpec
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    pretrain_cache: str  # absolute
+    results_dir: str  # absolute: <storage>/<sweep name>
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+class TuneReporter:
+    """The trainer's Reporter: every report goes to MLflow; evaluations (with checkpoints) to Ray too."""
+
+    def __init__(self, tracker: tracking.TrialTracker, node_id: str) -> None:
+        self.tracker = tracker
+        self.node_id = node_id
+        self.latest: dict[str, float] = {}  # last value of every metric: Ray results carry them all
+
+    def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None:
+        """Log `metrics` at `step` to MLflow; at an evaluation also `tune.report` (with the checkpoint)."""
+        from ray import tune
+
+        values = _numeric(metrics)
+        self.latest.update(values)
+        self.tracker.log_metrics(values, step)
+        if checkpoint_dir is None and not any(k.startswith("fid_") for k in values):
+            return
+        result: dict[str, Any] = {**self.latest, "iteration": step, "node_id": self.node_id}
+        if any(not math.isfinite(v) for v in values.values()):
+            log.warning("non-finite metric at step %d: %s", step, values)
+        if checkpoint_dir is None:
+            tune.report(result)
+            return
+        ckpt = Path(checkpoint_dir)
+        meta = {"run_id": self.tracker.run_id, "trial_id": self.tracker.trial_id, "step": step}
+        (ckpt / RUN_FILE).write_text(json.dumps(meta))
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+
+    def log_artifact(self, path: Path) -> None:
+        """Sample grids and other files: to the trial's MLflow run."""
+        self.tracker.log_artifact(Path(path), "samples" if Path(path).suffix == ".png" else None)
+
+
+def _restore_dir(workdir: Path) -> tuple[Path | None, str | None]:
+    """The trial's last Ray checkpoint copied to a local directory, and the MLflow run id it names."""
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None, None
+    dest = workdir / "resume"
+    shutil.rmtree(dest, ignore_errors=True)
+    path = Path(ckpt.to_directory(str(dest)))
+    run_file = path / RUN_FILE
+    run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+    return path, run_id
+
+
+def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
+    """Ray Tune function trainable: train one TrainConfig, logging to its one MLflow child run."""
+    import ray
+    from ray import tune
+
+    from trainer.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    tracking.fail_fast_http()
+    spec = ctx.spec
+    trial_id = tune.get_context().get_trial_id()
+    workdir = Path(tune.get_context().get_trial_dir()).resolve()
+    swept = swept_values(spec, config)
+    cfg = override(trial_config(spec, config), {"out_dir": workdir / "out"})
+    node_id = ray.get_runtime_context().get_node_id()
+    resume_from, run_id = _restore_dir(workdir)
+    tags = {f"sct.axis.{p}": str(v) for p, v in swept.items()}
+    tags["sct.node_id"] = node_id
+    tracker = tracking.TrialTracker(
+        uri=ctx.tracking_uri,
+        experiment_id=ctx.experiment_id,
+        parent_run_id=ctx.parent_run_id,
+        sweep=spec.name,
+        trial_id=trial_id,
+        run_name=run_name(cfg, swept),
+        tags=tags,
+        params=tracking.flatten(cfg),
+        lost_dir=Path(ctx.results_dir) / "mlflow_lost",
+        run_id=run_id,
+    )
+    tracker.start()
+    tracker.set_tag("sct.node_id", node_id)  # the node of the latest attempt
+    try:
+        cfg = with_pretrain(cfg, Path(ctx.pretrain_cache))
+        if cfg.pretrain.checkpoint is not None:
+            tracker.set_tag("sct.pretrain_checkpoint", str(cfg.pretrain.checkpoint))
+        if resume_from is not None:
+            log.info("trial %s resumes from %s", trial_id, resume_from)
+        train(cfg, reporter=TuneReporter(tracker, node_id), resume_from=resume_from)
+    except SystemExit:  # Ray stopped the trial (scheduler decision or sweep end) inside tune.report
+        tracker.set_tag("sct.stopped", "by scheduler")
+        tracker.finish("FINISHED", finish_wait_s=30.0)
+        raise
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", error="interrupted", finish_wait_s=10.0)
+        raise
+    except BaseException as e:
+        message = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        tracker.finish("FAILED", error=message, details=traceback.format_exc())
+        raise
+    lost = tracker.finish("FINISHED")
+    if lost:
+        log.error("trial %s finished, but %d MLflow entries were not delivered (see above)", trial_id, lost)

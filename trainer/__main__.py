@@ -1,0 +1,42 @@
+"""`python -m trainer --config run.yaml [--resume]`: one training run from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from trainer.config import load_train_config
+from trainer.errors import TrainerError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, train, print the final metrics; user errors exit 2 with one line."""
+    ap = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    ap.add_argument("--config", type=Path, required=True, help="TrainConfig YAML file")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    ap.add_argument("--pretrain-only", action="store_true", help="run phase one only, into out_dir/pretrain.pt")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from trainer.train import pretrain, train
+
+    try:
+        cfg = load_train_config(args.config)
+        if args.pretrain_only:
+            print(pretrain(cfg, Path(cfg.out_dir).absolute() / "pretrain.pt"))
+            return 0
+        resume = None
+        if args.resume:
+            ckpts = sorted((Path(cfg.out_dir) / "checkpoints").glob("it*"))
+            resume = ckpts[-1] if ckpts else None
+        result = train(cfg, resume_from=resume)
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print({k: round(v, 4) for k, v in result.metrics.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

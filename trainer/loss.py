@@ -1,0 +1,107 @@
+"""Training losses: EDM denoising (phase one) and consistency tuning (ECT / SCT / iCT).
+
+Spec §2 (EDM), §3 steps 3-6 (ECT), §4.1 and §4.3 (SCT, phases), §6 (iCT).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from trainer.config import LossConfig
+from trainer.precond import ConsistencyModel
+from trainer.target import sct_x0_offset, target_point
+
+
+@dataclass
+class LossOutput:
+    """The scalar loss to backpropagate and detached per-sample diagnostics."""
+
+    loss: torch.Tensor
+    t: torch.Tensor
+    ess: torch.Tensor | None = None
+
+
+def edm_loss(
+    model: ConsistencyModel, x: torch.Tensor, labels: torch.Tensor | None, p_mean: float, p_std: float
+) -> LossOutput:
+    """λ(σ)·‖D_θ(x + σε; σ) − x‖², ln σ ~ N(P_mean, P_std²), λ = (σ² + σd²)/(σ·σd)²  (EDM eq. 2, 8)."""
+    sigma = (p_mean + p_std * torch.randn(x.shape[0], device=x.device)).exp().reshape(-1, 1, 1, 1)
+    sd = model.sigma_data
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    denoised = model.denoise(x + sigma * torch.randn_like(x), sigma, labels)
+    return LossOutput(loss=(weight * (denoised - x).square()).mean(), t=sigma.flatten())
+
+
+def default_c(method: str, dim: int) -> float:
+    """Pseudo-Huber c: iCT 0.00054·√d; ECT/SCT ~0 (1e-8 keeps the gradient finite at L = 0)."""
+    return 0.00054 * math.sqrt(dim) if method == "ict" else 1e-8
+
+
+def distance(pred: torch.Tensor, target: torch.Tensor, kind: str, c: float) -> torch.Tensor:
+    """Per-sample L = Σ_pixels (pred − target)²; pseudo-Huber √(L + c²) − c (spec §3 step 5)."""
+    sq = (pred - target).square().flatten(1).sum(1)
+    return (sq + c**2).sqrt() - c if kind == "pseudo_huber" else sq
+
+
+def weighting(t: torch.Tensor, r: torch.Tensor, kind: str, sigma_data: float) -> torch.Tensor:
+    """inv_dt: 1/(t − r) (iCT, ECT CIFAR, SCT); snrpk: 1/t² + 1/σd² (ECT ImageNet)  (spec §3 step 6)."""
+    if kind == "inv_dt":
+        return 1.0 / (t - r)
+    return 1.0 / t**2 + 1.0 / sigma_data**2
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def consistency_loss(
+    model: ConsistencyModel,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    cfg: LossConfig,
+    method: str,
+    refs: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> LossOutput:
+    """ECT/SCT/iCT consistency loss for one minibatch at noise pairs (t, r) (spec §3, §4.1, §4.3).
+
+    The prediction f_θ(x_t, t) has gradient; the target f_θ(x_r', r') uses the same weights with no
+    gradient and the same dropout mask. r' = max(r, s_j) for a phased model; where r' is the lower
+    phase edge (r' = 0 for one phase) the target is the point x_r' itself. `refs`/`valid` turn on
+    SCT's variance-reduced target.
+    """
+    t4, r4 = t.reshape(-1, 1, 1, 1), r.reshape(-1, 1, 1, 1)
+    eps = torch.randn_like(x)
+    x_t = x + t4 * eps
+    edge = model.lower_edge(t4)
+    r4 = torch.maximum(r4, edge)
+    ess = None
+    x0_offset = None
+    if refs is not None:
+        x0_offset, ess = sct_x0_offset(x, x_t, t, refs, valid)
+    x_r = target_point(x, eps, t4, r4, x0_offset)
+
+    shift = method == "ict"  # iCT trains with the σ_min-shifted boundary (spec §6)
+    rng = _rng_state(x.device)
+    pred = model(x_t, t4, labels, shift=shift)
+    _set_rng_state(rng, x.device)  # same dropout mask for the target pass (spec §3 step 4)
+    with torch.no_grad():
+        on_edge = r4 <= edge
+        f_r = model(x_r, torch.where(on_edge, torch.ones_like(r4), r4), labels, shift=shift)
+        target = torch.where(on_edge, x_r, torch.nan_to_num(f_r, nan=0.0, posinf=0.0, neginf=0.0))
+
+    c = cfg.c if cfg.c is not None else default_c(method, x[0].numel())
+    per_sample = distance(pred, target, cfg.distance, c) * weighting(t, r4.flatten(), cfg.weighting, model.sigma_data)
+    return LossOutput(loss=per_sample.mean(), t=t.detach(), ess=ess)

@@ -1,0 +1,40 @@
+"""Where and how tensors run: device resolution and mixed precision (issue 12)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from trainer.errors import DeviceError
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` = CUDA when present, else CPU; `cuda`/`cuda:N` must exist (DeviceError otherwise).
+
+    Inside a Ray trial, Ray's GPU assignment sets CUDA_VISIBLE_DEVICES, so `cuda` is that GPU.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device: {spec} requested but no CUDA GPU is available here (use auto or cpu)")
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device: {spec} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
+        return dev
+    return torch.device(spec)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for network forward passes (CPU or CUDA); a no-op for fp32."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def configure_backend(device: torch.device) -> None:
+    """Allow TF32 matmuls on CUDA (fp32 storage, faster tensor cores)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

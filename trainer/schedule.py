@@ -1,0 +1,87 @@
+"""Noise levels for training: ECT's lognormal t, mapping r(t) and stage curriculum; iCT's grid.
+
+Spec §3 (ECT), §4.2 (SCT smooth stages), §4.3 (phase edges), §6 (iCT).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.config import IctConfig, ScheduleConfig
+
+
+def sample_lognormal(n: int, p_mean: float, p_std: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """t = exp(P_mean + P_std·n), n ~ N(0, 1)  (spec §2, §3 step 1)."""
+    return (p_mean + p_std * torch.randn(n, device=device)).exp()
+
+
+def stage(iteration: int, stage_iters: int, smooth: bool = False) -> float:
+    """ECT stage s = floor(i / stage_iters); SCT [R] smooth: s = i / stage_iters (spec §3, §4.2)."""
+    s = iteration / stage_iters
+    return s if smooth else float(math.floor(s))
+
+
+def ect_r(t: torch.Tensor, s: float, cfg: ScheduleConfig) -> torch.Tensor:
+    """ECT mapping r(t) at stage s (spec §3 step 2; code uses q^(s+1)), then r = max(r, 0).
+
+    sigmoid: r = t·(1 − q^{−(s+1)}·(1 + k·sigmoid(−b·t)));  const: r = t·(1 − q^{−(s+1)}).
+    """
+    decay = cfg.q ** -(s + 1.0)
+    if cfg.mapping == "sigmoid":
+        ratio = 1.0 - decay * (1.0 + cfg.k * torch.sigmoid(-cfg.b * t))
+    else:
+        ratio = torch.full_like(t, 1.0 - decay)
+    return (t * ratio).clamp_min(0.0)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM/Karras grid of n levels, increasing: σ_i = (σ_min^{1/ρ} + i/(n−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ."""
+    if n == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (lo + i / (n - 1) * (hi - lo)) ** rho
+
+
+def phase_edges(phases: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Edges 0 = s_0 < s_1 < ... < s_M = t_max with EDM ρ spacing for s_1..s_M (spec §4.3 [R])."""
+    if phases <= 1:
+        return torch.tensor([0.0, sigma_max])
+    inner = karras_sigmas(phases, sigma_min, sigma_max, rho).float()
+    return torch.cat([torch.zeros(1), inner])
+
+
+def ict_num_scales(iteration: int, total_iters: int, cfg: IctConfig) -> int:
+    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1 with K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋  (iCT, spec §6)."""
+    k_prime = max(1, math.floor(total_iters / (math.log2(math.floor(cfg.s1 / cfg.s0)) + 1)))
+    return min(cfg.s0 * 2 ** (iteration // k_prime), cfg.s1) + 1
+
+
+def ict_sample_pair(
+    n: int, num_scales: int, p_mean: float, p_std: float, sigma_min: float, sigma_max: float, rho: float,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw (t, r) = (σ_{i+1}, σ_i) with p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − ...))."""
+    sig = karras_sigmas(num_scales, sigma_min, sigma_max, rho)
+    cdf = torch.erf((sig.log() - p_mean) / (math.sqrt(2.0) * p_std))
+    probs = (cdf[1:] - cdf[:-1]).clamp_min(0.0)
+    i = torch.multinomial(probs / probs.sum(), n, replacement=True)
+    return sig[i + 1].float().to(device), sig[i].float().to(device)
+
+
+def sample_t_r(
+    n: int, iteration: int, total_iters: int, stage_iters: int, method: str,
+    sched: ScheduleConfig, ict: IctConfig, sigma_min: float, sigma_max: float,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (t, r) pair of one consistency training step for `method` in {ect, sct, ict}."""
+    if method == "ict":
+        n_scales = ict_num_scales(iteration, total_iters, ict)
+        return ict_sample_pair(n, n_scales, sched.p_mean, sched.p_std, sigma_min, sigma_max, ict.rho, device)
+    t = sample_lognormal(n, sched.p_mean, sched.p_std, device)
+    if sched.clamp_t:
+        t = t.clamp(sigma_min, sigma_max)
+    r = ect_r(t, stage(iteration, stage_iters, sched.smooth), sched)
+    return t, r
