@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +104,20 @@ def typed_column(values: list[str | None]) -> list[object]:
     return [None if v is None else str(v) for v in values]
 
 
+@contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """Silence MLflow's per-download progress bar (unless the user set it explicitly)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
@@ -136,7 +153,8 @@ def find_parent_run(client, sweep: str):
 
 def _read_text_artifact(client, run_id: str, path: str, dst: Path) -> str | None:
     try:
-        local = client.download_artifacts(run_id, path, str(dst))
+        with _quiet_downloads():
+            local = client.download_artifacts(run_id, path, str(dst))
     except Exception:  # absent artifact: MlflowException or OSError depending on the store
         return None
     return Path(local).read_text()
@@ -223,4 +241,5 @@ def fetch_sample_grids(results: SweepResults, trial_id: str, dst: Path) -> dict[
         if k not in latest or it > latest[k][0]:
             latest[k] = (it, e.path)
     dst.mkdir(parents=True, exist_ok=True)
-    return {k: Path(client.download_artifacts(run_id, p, str(dst))) for k, (_, p) in sorted(latest.items())}
+    with _quiet_downloads():
+        return {k: Path(client.download_artifacts(run_id, p, str(dst))) for k, (_, p) in sorted(latest.items())}

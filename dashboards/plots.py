@@ -7,6 +7,7 @@ safe in any thread or process. One colour per trial group (trials that differ on
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import matplotlib.image as mpimg
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from dashboards.loader import SweepResults, Trial, parse_value
 from dashboards.scaling import X_LABELS, ScalingResult
@@ -83,10 +85,17 @@ def group_colours(labels: Sequence[str]) -> dict[str, tuple]:
 
 
 def _log_if_wide(ax, axis: str, values: np.ndarray, ratio: float = 10.0) -> None:
+    """Log scale when the values span `ratio` or more; plain-number tick labels within two decades."""
     v = np.asarray(values, float)
     v = v[np.isfinite(v) & (v > 0)]
-    if v.size and v.max() / v.min() >= ratio:
-        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    if not (v.size and v.max() / v.min() >= ratio):
+        return
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    if v.max() / v.min() < 100:
+        target = ax.yaxis if axis == "y" else ax.xaxis
+        target.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        target.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        target.set_minor_formatter(NullFormatter())
 
 
 def plot_fid_curves(res: SweepResults, path: Path) -> Path:
@@ -94,7 +103,7 @@ def plot_fid_curves(res: SweepResults, path: Path) -> Path:
     axes = group_axes(res)
     labels = {t.trial_id: group_label(t, axes) for t in res.trials}
     colours = group_colours(list(labels.values()))
-    fig = Figure(figsize=(9, 5.5))
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
     all_fid = []
     for tid, g in res.history.groupby("trial_id", sort=True):
@@ -116,17 +125,20 @@ def plot_fid_curves(res: SweepResults, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     group_handles = [Line2D([], [], color=c, lw=2, label=g) for g, c in colours.items()]
     step_handles = [Line2D([], [], color="k", ls=_style(k), label=_steps_label(k)) for k in res.fid_steps]
-    first = ax.legend(handles=group_handles, title="trial group (seeds share a colour)" if axes else "trial",
-                      fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.add_artist(first)
-    ax.legend(handles=step_handles, title="sampler", fontsize=8, title_fontsize=8, loc="lower left",
-              bbox_to_anchor=(1.01, 0.0))
+    fig.legend(handles=group_handles, title="trial group (seeds share a colour)" if axes else "trial",
+               fontsize=8, title_fontsize=8, loc="outside right upper", ncols=1 if len(colours) <= 16 else 2)
+    fig.legend(handles=step_handles, title="sampler", fontsize=8, title_fontsize=8, loc="outside right lower")
     return _save(fig, path)
+
+
+def _num(v: float, scale: float) -> str:
+    """3 significant digits; values negligible next to `scale` print as 0."""
+    return "0" if abs(v) < 1e-6 * scale else f"{v:.3g}"
 
 
 def _fit_text(r: ScalingResult, xname: str) -> str:
     f = r.fit
-    lines = [f"FID = a·{xname}^(−b) + c", f"a = {f.a:.3g}, b = {f.b:.3f}, c = {f.c:.3g}",
+    lines = [rf"FID = $a\,{xname}^{{-b}} + c$", f"a = {f.a:.3g}, b = {f.b:.3f}, c = {_num(f.c, r.fid.min())}",
              f"R² (log) = {f.r2:.3f}, n = {f.n_points}"]
     if r.ci is not None:
         lines.append(f"b 95% CI [{r.ci.low:.3f}, {r.ci.high:.3f}] ({r.ci.n_ok} resamples)")
@@ -136,40 +148,50 @@ def _fit_text(r: ScalingResult, xname: str) -> str:
     return "\n".join(lines)
 
 
+def _points_label(x: str) -> str:
+    return "each trial's best FID" if x == "params" else "every evaluation of every trial"
+
+
 def plot_scaling(results: Sequence[ScalingResult], path: Path) -> Path:
     """FID vs one cost quantity, one panel per sampler: Pareto points, the fit, its CI band."""
     if not results or len({r.x for r in results}) != 1:
         raise ValueError("plot_scaling takes the fits of exactly one cost quantity")
     x = results[0].x
     xname = {"flops": "C", "images_seen": "D", "params": "N"}.get(x, "x")
-    fig = Figure(figsize=(6.2 * len(results), 5.2))
+    fig = Figure(figsize=(6.2 * len(results), 6.4), layout="constrained")
+    gs = fig.add_gridspec(2, len(results), height_ratios=[5, 1.4])
     for i, r in enumerate(sorted(results, key=lambda r: r.steps)):
-        ax = fig.add_subplot(1, len(results), i + 1)
-        ax.scatter(r.C, r.fid, s=12, color="0.7", label="all evaluations", zorder=1)
+        ax = fig.add_subplot(gs[0, i])
+        ax.scatter(r.C, r.fid, s=12, color="0.7", label=_points_label(x), zorder=1)
         fc, ff = r.C[r.frontier], r.fid[r.frontier]
-        ax.scatter(fc, ff, s=36, color="C0", edgecolor="k", lw=0.5, label="Pareto frontier (fitted)", zorder=3)
+        ax.scatter(fc, ff, s=36, color="C0", edgecolor="k", lw=0.5, zorder=3,
+                   label="Pareto frontier (fitted)" if r.fit else "Pareto frontier (not fitted)")
         if r.fit is not None:
             grid = np.logspace(np.log10(r.C.min()), np.log10(r.C.max()), 200)
             if r.ci is not None:
                 lo, hi = r.ci.band(grid)
                 ax.fill_between(grid, lo, hi, color="C3", alpha=0.18, lw=0, label="95% bootstrap band")
-            ax.plot(grid, r.fit.predict(grid), color="C3", lw=2, label=f"a·{xname}^(−b) + c")
+            ax.plot(grid, r.fit.predict(grid), color="C3", lw=2, label=rf"fit $a\,{xname}^{{-b}} + c$")
             ax.plot(grid, r.fit.predict_loglog(grid), color="k", ls="--", lw=1, label="log-log line")
-            ax.text(0.02, 0.02, _fit_text(r, xname), transform=ax.transAxes, fontsize=8, va="bottom",
-                    bbox={"boxstyle": "round", "fc": "white", "ec": "0.6", "alpha": 0.9})
+            text, colour = _fit_text(r, xname), "0.6"
         else:
-            ax.text(0.5, 0.5, f"no fit: {r.error}", transform=ax.transAxes, ha="center", va="center",
-                    fontsize=9, wrap=True, bbox={"boxstyle": "round", "fc": "#fff3f3", "ec": "C3"})
+            text, colour = textwrap.fill(f"no fit: {r.error}", 48), "C3"
+        note = fig.add_subplot(gs[1, i])
+        note.set_axis_off()
+        note.text(0.0, 1.0, text, transform=note.transAxes, fontsize=8.5, va="top", ha="left",
+                  bbox={"boxstyle": "round", "fc": "white" if r.fit else "#fff3f3", "ec": colour})
         ax.set_xscale("log")
         _log_if_wide(ax, "y", r.fid, ratio=3.0)
         ax.set_xlabel(X_LABELS.get(x, x))
         ax.set_ylabel(f"FID, {_steps_label(r.steps)} sampler")
         ax.set_title(f"{_steps_label(r.steps)} FID vs {X_LABELS.get(x, x).split(' (')[0]}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
-    fig.text(0.5, -0.02, "Points fitted: the Pareto frontier (lowest FID reached at or below each "
-             f"{X_LABELS.get(x, x).split(' (')[0]}) over all trials and evaluations; grey: every evaluation.",
-             ha="center", fontsize=8.5, style="italic")
+        note.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper right")  # keeps the data clear
+    what = X_LABELS.get(x, x).split(" (")[0]
+    fig.supxlabel(f"Fits use the Pareto frontier (lowest FID reached at or below each {what}) over all "
+                  f"trials; grey: {_points_label(x)}." + (" Band: 95% bootstrap over trials." if any(
+                      r.ci for r in results) else ""), fontsize=8.5,
+                  style="italic")
     return _save(fig, path)
 
 
@@ -193,7 +215,7 @@ def plot_ablation(res: SweepResults, axis: str, path: Path) -> Path:
     """Final FID vs one axis, per sampler; mean ± s.d. over seeds, one colour per other-axes group."""
     others = [a for a in ablation_axes(res) if a != axis]
     steps = res.fid_steps or [1]
-    fig = Figure(figsize=(5.6 * len(steps), 4.6))
+    fig = Figure(figsize=(5.6 * len(steps), 5.0), layout="constrained")
     values = [trial_value(t, axis) for t in res.trials]
     order, numeric = _positions(values)
     colours = group_colours([group_label(t, others) if others else "all trials" for t in res.trials])
@@ -233,8 +255,10 @@ def plot_ablation(res: SweepResults, axis: str, path: Path) -> Path:
         ax.set_ylabel(f"final FID, {_steps_label(k)} sampler")
         ax.set_title(f"{_steps_label(k)} FID vs {axis}")
         ax.grid(True, alpha=0.3)
-        if series:
-            ax.legend(fontsize=7.5, title="mean ± s.d. over seeds", title_fontsize=7.5)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    if handles:  # one legend for all panels, below them, so it never hides a point
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8,
+                   title="mean ± s.d. over seeds; faint dots: single seeds", title_fontsize=8)
     return _save(fig, path)
 
 
@@ -247,7 +271,7 @@ def plot_sample_grids(grids: dict[int, Path], path: Path, title: str) -> Path:
         ax = fig.add_subplot(1, len(grids), i + 1)
         img = mpimg.imread(str(p))
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(f"{_steps_label(k)} sampler ({k} NFE)")
+        ax.set_title(f"{_steps_label(k)} sampler")
         ax.set_axis_off()
     fig.suptitle(title)
     return _save(fig, path)

@@ -74,7 +74,8 @@ def make_figures(res: SweepResults, fits: list[ScalingResult], out_dir: Path) ->
     figs: list[tuple[str, Path]] = []
     for x in dict.fromkeys(r.x for r in fits):
         label = X_LABELS.get(x, x).split(" (")[0]
-        figs.append((f"FID vs {label}", plots.plot_scaling([r for r in fits if r.x == x], out_dir / f"scaling_{x}.png")))
+        png = plots.plot_scaling([r for r in fits if r.x == x], out_dir / f"scaling_{x}.png")
+        figs.append((f"FID vs {label}", png))
     figs.append(("FID during training", plots.plot_fid_curves(res, out_dir / "fid_curves.png")))
     for axis in plots.ablation_axes(res):
         name = axis.replace(".", "_")
@@ -103,7 +104,7 @@ def _cell(v: object) -> str:
 
 def trials_table(res: SweepResults) -> str:
     """The sortable trials table (click a header; `?sort=<column>` pre-sorts)."""
-    axes = [a for a in res.axis_names]
+    axes = res.axis_names
     fids = [f"fid_{k}step" for k in res.fid_steps] + [
         f"fid_{k}step_online" for k in res.fid_steps if f"fid_{k}step_online" in res.metric_names]
     costs = [c for c in COST_COLUMNS if c in res.metric_names]
@@ -114,7 +115,8 @@ def trials_table(res: SweepResults) -> str:
         vals = [t.trial_id, t.status, *(plots.trial_value(t, a) for a in axes),
                 *(t.final.get(c, math.nan) for c in fids + costs), t.run_id]
         rows.append("<tr>" + "".join(_cell(v) for v in vals) + "</tr>")
-    return f'<table id="trials" class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return (f'<div class="scroll"><table id="trials" class="sortable"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def fits_table(fits: list[ScalingResult]) -> str:
@@ -128,7 +130,8 @@ def fits_table(fits: list[ScalingResult]) -> str:
             continue
         f = r.fit
         ci = f"[{r.ci.low:.3f}, {r.ci.high:.3f}]" if r.ci else html.escape(f"none: {r.ci_error}")
-        rows.append(f"<tr><td>{what}</td><td>{f.a:.4g}</td><td>{f.b:.4f}</td><td>{ci}</td><td>{f.c:.4g}</td>"
+        c = "0" if f.c < 1e-6 * float(r.fid.min()) else f"{f.c:.4g}"
+        rows.append(f"<tr><td>{what}</td><td>{f.a:.4g}</td><td>{f.b:.4f}</td><td>{ci}</td><td>{c}</td>"
                     f"<td>{f.r2:.4f}</td><td>{f.loglog_b:.4f} (R² {f.loglog_r2:.3f})</td><td>{f.n_points}</td></tr>")
     head = ("<tr><th>fit</th><th>a</th><th>b</th><th>b 95% CI (bootstrap over trials)</th><th>c</th>"
             "<th>R² (log)</th><th>log-log line b</th><th>Pareto points</th></tr>")
@@ -143,7 +146,7 @@ def _img(title: str, png: Path) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f2f2f2;cursor:pointer;user-select:none}
+td:not([data-v]){text-align:left}.scroll{overflow-x:auto}th{background:#f2f2f2;cursor:pointer;user-select:none}
 th[data-dir=asc]::after{content:" ▲"}th[data-dir=desc]::after{content:" ▼"}.err{color:#a00;text-align:left}
 figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:13px}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}.meta{color:#555;font-size:13px}"""

@@ -235,6 +235,11 @@ def points_by_trial(history: pd.DataFrame, x: str, fid_col: str) -> dict[str, tu
         else:
             cost = pd.Series(_cumulative_at(g["step"], g.loc[known, "step"], g.loc[known, x]), index=g.index)
         ev = g[fid_col].notna()
+        usable = ev & np.isfinite(g[fid_col].where(ev, 0.0)) & (g[fid_col] > 0) & np.isfinite(cost) & (cost > 0)
+        if (ev & ~usable).any():  # a diverged trial (inf FID) or a zero-cost step cannot sit on a log axis
+            log.warning("trial %s: %d %s evaluations skipped (non-finite or non-positive)", tid,
+                        int((ev & ~usable).sum()), fid_col)
+        ev = usable
         if ev.any():
             out[str(tid)] = (cost[ev].to_numpy(float), g.loc[ev, fid_col].to_numpy(float))
     return out
@@ -269,11 +274,16 @@ def fit_sweep(history: pd.DataFrame, fid_steps: Sequence[int], n_boot: int = 200
             front = pareto_frontier(C, fid)
             r = ScalingResult(x, k, C, fid, front)
             try:
+                if np.unique(C[front]).size < MIN_DISTINCT:  # say why when there are many evaluations
+                    raise ScalingError(f"only {np.unique(C[front]).size} distinct {x} values on the Pareto frontier "
+                                       f"of {C.size} evaluations; a fit needs at least {MIN_DISTINCT}")
                 r.fit = fit_power_law(C[front], fid[front])
             except ScalingError as e:
                 r.error = str(e)
                 log.warning("scaling fit of %d-step FID vs %s: %s", k, x, e)
-            if r.fit is not None:
+            if r.fit is not None and n_boot <= 0:
+                r.ci_error = "bootstrap off (n_boot = 0)"
+            elif r.fit is not None:
                 try:
                     r.ci = bootstrap_exponent(pts, n_boot=n_boot, seed=seed)
                 except ScalingError as e:

@@ -267,23 +267,28 @@ def data_root(cfg: TrainConfig) -> Path | None:
 
 
 def check_files(cfg: TrainConfig, where: str = "base") -> None:
-    """Refuse missing data, pretrain checkpoint and Inception weights before anything runs."""
+    """Refuse missing data, pretrain checkpoint and Inception weights before anything runs.
+
+    `where` prefixes the field path: ``base`` gives ``base.data.root: ...``, an axis location
+    like ``search.data.root.grid[1]`` gives ``search.data.root.grid[1]: data.root: ...``.
+    """
+    at = f"{where}." if where == "base" else f"{where}: "
     if cfg.data.name == "folder" and cfg.data.root is None:
-        raise SpecError(f"{where}: data.root: the folder dataset needs a directory of <class>/*.png")
+        raise SpecError(f"{at}data.root: the folder dataset needs a directory of <class>/*.png")
     root = data_root(cfg)
     if root is not None and not root.is_dir():
-        raise SpecError(f"{where}: data.root: {root}: directory not found for dataset {cfg.data.name}")
+        raise SpecError(f"{at}data.root: {root}: directory not found for dataset {cfg.data.name}")
     ckpt = cfg.pretrain.checkpoint
     if ckpt is not None and not Path(ckpt).is_file():
-        raise SpecError(f"{where}: pretrain.checkpoint: {ckpt}: file not found")
+        raise SpecError(f"{at}pretrain.checkpoint: {ckpt}: file not found")
     weights = cfg.eval.inception_weights
     if cfg.data.name in _INCEPTION_DATASETS and weights is None:
         raise SpecError(
-            f"{where}: eval.inception_weights: {cfg.data.name} FID needs the Inception-v3 weights file "
+            f"{at}eval.inception_weights: {cfg.data.name} FID needs the Inception-v3 weights file "
             "pt_inception-2015-12-05-6726825d.pth; set its local path"
         )
     if weights is not None and not Path(weights).is_file():
-        raise SpecError(f"{where}: eval.inception_weights: {weights}: file not found")
+        raise SpecError(f"{at}eval.inception_weights: {weights}: file not found")
 
 
 def parse_spec(raw: Any, source: str = "spec", default_name: str | None = None) -> SweepSpec:

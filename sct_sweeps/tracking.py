@@ -64,9 +64,7 @@ def ensure_experiment(mlflow_client: Any, name: str, artifact_root: Path | None)
 def git_commit(repo: Path) -> str | None:
     """HEAD commit of the git checkout at `repo`, if it is one."""
     try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -184,9 +182,7 @@ class TrialTracker:
             except MlflowException as e:
                 if e.get_http_status_code() != 404:
                     raise
-                log.warning(
-                    "MLflow run %s of trial %s not in this store; searching", self.run_id, self.trial_id
-                )
+                log.warning("MLflow run %s of trial %s not in this store; searching", self.run_id, self.trial_id)
         if run is None:
             found = self._find_run()
             run = self._client.get_run(found) if found else None
@@ -294,16 +290,12 @@ class TrialTracker:
         except Exception as e:  # the store is away: keep everything, back off
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
-                log.warning(
-                    "MLflow unreachable for trial %s (%s); buffering", self.trial_id, type(e).__name__
-                )
+                log.warning("MLflow unreachable for trial %s (%s); buffering", self.trial_id, type(e).__name__)
             self._next_try = time.monotonic() + self._backoff
             self._backoff = min(2 * self._backoff, _MAX_BACKOFF_S)
             return False
         if self._outage_since is not None:
-            log.warning(
-                "MLflow back for trial %s after %.0f s", self.trial_id, time.monotonic() - self._outage_since
-            )
+            log.warning("MLflow back for trial %s after %.0f s", self.trial_id, time.monotonic() - self._outage_since)
             self._outage_since = None
         self._backoff = 1.0
         return True
@@ -356,15 +348,11 @@ class TrialTracker:
                 head = {"trial_id": self.trial_id, "run_id": self.run_id, "run_name": self.run_name}
                 f.write(json.dumps({**head, "status": status, "tags": self._late_tags}) + "\n")
                 for m in self._metrics:
-                    f.write(
-                        json.dumps({"key": m.key, "value": m.value, "step": m.step, "ts": m.timestamp}) + "\n"
-                    )
+                    f.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "ts": m.timestamp}) + "\n")
                 for p, artifact_path in self._artifacts:
                     keep.mkdir(exist_ok=True)
                     shutil.copy2(p, keep / p.name)
-                    f.write(
-                        json.dumps({"artifact": str(keep / p.name), "artifact_path": artifact_path}) + "\n"
-                    )
+                    f.write(json.dumps({"artifact": str(keep / p.name), "artifact_path": artifact_path}) + "\n")
             where = str(path)
         log.error(
             "MLFLOW DATA LOST for trial %s (run %s): %d metric values, %d tags, %d artifacts not delivered; "

@@ -74,6 +74,7 @@ def consistency_loss(
     method: str,
     refs: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    sigma_min: float = 0.002,
 ) -> LossOutput:
     """ECT/SCT/iCT consistency loss for one minibatch at noise pairs (t, r) (spec §3, §4.1, §4.3).
 
@@ -93,7 +94,7 @@ def consistency_loss(
         x0_offset, ess = sct_x0_offset(x, x_t, t, refs, valid)
     x_r = target_point(x, eps, t4, r4, x0_offset)
 
-    shift = method == "ict"  # iCT trains with the σ_min-shifted boundary (spec §6)
+    shift: bool | float = sigma_min if method == "ict" else False  # iCT: boundary at σ_min (spec §6)
     rng = _rng_state(x.device)
     pred = model(x_t, t4, labels, shift=shift)
     _set_rng_state(rng, x.device)  # same dropout mask for the target pass (spec §3 step 4)

@@ -69,16 +69,20 @@ class ConsistencyModel(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor | float,
         labels: torch.Tensor | None = None,
-        shift: bool = False,
+        shift: bool | float = False,
     ) -> torch.Tensor:
-        """Consistency function f_θ(x_t, t, c); `shift` = ECT eval-mode σ_min shift (spec §1)."""
+        """Consistency function f_θ(x_t, t, c).
+
+        `shift`: True = ECT eval-mode boundary shift by `precond.sigma_min_shift` (spec §1); a float =
+        shift by that σ_min (iCT puts the boundary at the grid minimum, spec §6); False = plain EDM.
+        """
         t = _bcast(t, x)
         sd = self.sigma_data
         if self.phase_edges.numel() > 0:
             # Phased model: f = (s_j/t)·x_t + (1 − s_j/t)·D_θ(x_t, t), s_j = lower edge (spec §4.3).
             s_j = self.lower_edge(t)
             return (s_j / t) * x + (1.0 - s_j / t) * self.denoise(x, t, labels)
-        s_min = self.sigma_min_shift if shift else 0.0
+        s_min = float(shift) if not isinstance(shift, bool) else (self.sigma_min_shift if shift else 0.0)
         return c_skip(t, sd, s_min) * x + c_out(t, sd, s_min) * self._raw(x, t, labels)
 
     def lower_edge(self, t: torch.Tensor) -> torch.Tensor:

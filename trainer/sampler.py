@@ -29,7 +29,7 @@ class Guidance:
     strength: float = 1.0
     mode: str = "auto"
     bad: ConsistencyModel | None = None
-    null_label: int = 0
+    null_label: int = -1  # classic mode: the network's null class index (= num_classes); must be set
 
 
 def x0_fn(model: ConsistencyModel, guidance: Guidance | None = None, shift: bool = True) -> X0Fn:
@@ -45,6 +45,8 @@ def x0_fn(model: ConsistencyModel, guidance: Guidance | None = None, shift: bool
         if guidance is None or guidance.strength == 1.0:
             return good
         if guidance.mode == "classic":
+            if guidance.null_label < 0:
+                raise ValueError("classic guidance needs null_label = the network's num_classes")
             null = torch.full((x.shape[0],), guidance.null_label, dtype=torch.long, device=x.device)
             bad = single(model, x, tau, null)
         else:
@@ -155,3 +157,24 @@ def sample(
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats to uint8 pixels: x·127.5 + 128, clamped to [0, 255] (spec §5)."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def sample_edm_heun(
+    model: ConsistencyModel, z: torch.Tensor, steps: int, precond: PrecondConfig, rho: float = 7.0,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """EDM's deterministic Heun sampler on D_θ (EDM Algorithm 1): 2·steps − 1 evaluations.
+
+    Used to score a pretrained diffusion model (phase one), not the consistency model.
+    """
+    sig = karras_sigmas(steps, precond.sigma_min, precond.sigma_max, rho).flip(0).tolist() + [0.0]
+    x = z * sig[0]
+    for t_cur, t_next in zip(sig[:-1], sig[1:], strict=True):
+        d = (x - model.denoise(x, t_cur, labels)) / t_cur
+        x_next = x + (t_next - t_cur) * d
+        if t_next > 0:  # 2nd-order correction (EDM Algorithm 1, line 8)
+            d2 = (x_next - model.denoise(x_next, t_next, labels)) / t_next
+            x_next = x + (t_next - t_cur) * 0.5 * (d + d2)
+        x = x_next
+    return x

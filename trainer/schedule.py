@@ -46,10 +46,11 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 
 def phase_edges(phases: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """Edges 0 = s_0 < s_1 < ... < s_M = t_max with EDM ρ spacing for s_1..s_M (spec §4.3 [R])."""
+    """Edges 0 = s_0 < s_1 < ... < s_M = t_max: s_1..s_M are levels 1..M of an (M+1)-level ρ grid
+    from σ_min (so the bottom phase is not the degenerate (0, σ_min]) (spec §4.3 [R])."""
     if phases <= 1:
         return torch.tensor([0.0, sigma_max])
-    inner = karras_sigmas(phases, sigma_min, sigma_max, rho).float()
+    inner = karras_sigmas(phases + 1, sigma_min, sigma_max, rho)[1:].float()
     return torch.cat([torch.zeros(1), inner])
 
 

@@ -144,6 +144,7 @@ def pretrain(cfg: TrainConfig, path: Path, reporter: Reporter | None = None) -> 
             if not torch.isfinite(torch.tensor(loss)):
                 raise DivergenceError(f"pretrain loss became {loss} at iteration {done}; lower pretrain.lr")
             loss_sum.zero_()
+            log.info("pretrain it %d loss %.4f (%.1f s)", done, loss, time.perf_counter() - t0)
             if reporter is not None:
                 reporter.report(done, {"pretrain_loss": loss, "wall_s": time.perf_counter() - t0})
         if done % cfg.checkpoint_every == 0 and done < p.iterations:
@@ -275,7 +276,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
                 if cfg.method == "sct":
                     refs, valid, _ = reference_set(x, idx, data.images, cfg.sct.ref_batch, labels,
                                                    data.labels if cfg.data.conditional else None)
-                out = consistency_loss(model, x, labels, t, r, cfg.loss, cfg.method, refs, valid)
+                out = consistency_loss(model, x, labels, t, r, cfg.loss, cfg.method, refs, valid,
+                                       cfg.precond.sigma_min)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]

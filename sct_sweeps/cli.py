@@ -1,0 +1,328 @@
+"""`sct-sweep`: run, resume and inspect Ray Tune sweeps of the SCT trainer, tracked in MLflow.
+
+Every user error (bad YAML, unknown key, missing file, unknown sweep, unreachable store) prints
+one line on stderr and exits with status 2. Heavy imports (ray, mlflow, torch) happen inside the
+commands, so `--help` and `validate` stay fast and the embedded Ray is configured before import.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sct_sweeps.errors import EXIT_USER_ERROR, MissingComponentError, user_message
+
+app = typer.Typer(
+    help="Train, sweep (Ray Tune) and track (MLflow) consistency models trained by SCT / ECT / iCT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ADDRESS = typer.Option(
+    None, "--address", envvar="RAY_ADDRESS", help="Ray cluster to run on (e.g. 10.0.0.1:6379); default: embedded."
+)
+TRACKING = typer.Option(
+    None,
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    help="MLflow store, e.g. http://127.0.0.1:5000; default: the spec's, else sqlite:////<project>/mlruns.db.",
+)
+STORAGE = typer.Option(None, "--storage", help="Ray results root of the sweep; default: <project>/ray_results.")
+NUM_CPUS = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local Ray (default: all).")
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into one line on stderr and exit code 2; let bugs show their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except Exception as e:
+            msg = user_message(e)
+            if msg is None:
+                raise
+            err.print(f"error: {msg}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+    """sct-sweep: `run` a sweep YAML, `resume` / `status` it, `report` / `scaling` / `export` its results."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mlflow").setLevel(level)  # MLflow logs its store migrations at INFO
+
+
+def _uri_of(name: str, storage: Path | None, given: str | None) -> str:
+    """The MLflow store of sweep `name`: --tracking-uri, else the one it was run with, else the default."""
+    if given:
+        return given
+    from sct_sweeps.config import project_dir
+    from sct_sweeps.errors import SweepNotFoundError
+    from sct_sweeps.runner import load_record
+
+    try:
+        return load_record(name, storage).tracking_uri
+    except SweepNotFoundError:
+        db = project_dir() / "mlruns.db"
+        if not db.is_file():
+            raise SweepNotFoundError(
+                f"{name}: no sweep results and no MLflow store at {db}; pass --tracking-uri"
+            ) from None
+        return f"sqlite:///{db}"
+
+
+def _dashboards(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(f"dashboards.{module}")
+    except ImportError as e:
+        raise MissingComponentError(f"dashboards.{module} is not available ({e})") from None
+
+
+def _print_outcome(outcome: Any) -> None:
+    r = outcome.record
+    out.print(
+        f"sweep {r.name}: {outcome.trials} trials, {outcome.errors} failed, wall {outcome.wall_s:.0f} s\n"
+        f"  results: {r.results_dir}\n  MLflow: {r.tracking_uri} (experiment {r.experiment_id}, "
+        f"parent run {r.parent_run_id})"
+    )
+
+
+def _pretrain_progress() -> tuple[Any, Callable[[int, int], None]]:
+    from rich.progress import Progress
+
+    progress = Progress(console=out, transient=True)
+    task = progress.add_task("pretraining", total=None)
+
+    def update(done: int, total: int) -> None:
+        if total and not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=done, total=total)
+        if done >= total:
+            progress.stop()
+
+    return progress, update
+
+
+def _after_sweep(name: str, uri: str) -> None:
+    """Best effort: build and publish the report; a failure is a warning, not a failed sweep."""
+    try:
+        path = _dashboards("report").publish_report(uri, name)
+        out.print(f"report: {path}")
+    except Exception as e:
+        err.print(f"warning: report not built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+@app.command()
+@_user_errors
+def run(
+    spec: Path = typer.Argument(..., help="Sweep YAML, e.g. experiments/scaling.yaml."),
+    address: str | None = ADDRESS,
+    tracking_uri: str | None = TRACKING,
+    name: str | None = typer.Option(None, "--name", help="Sweep name (default: the spec's `name`)."),
+    num_cpus: int | None = NUM_CPUS,
+    report: bool = typer.Option(True, "--report/--no-report", help="Build the HTML report at the end."),
+) -> None:
+    """Run a sweep: validate, pretrain once per distinct phase one, run every trial, report."""
+    from sct_sweeps.config import check_name, load_spec
+    from sct_sweeps.config import tracking_uri as resolve_uri
+    from sct_sweeps.runner import run_sweep
+    from sct_sweeps.space import plan
+
+    s = load_spec(spec)
+    if name:
+        s = s.model_copy(update={"name": check_name(name, "--name")})
+    uri = resolve_uri(s, tracking_uri)
+    out.print(f"[bold]sweep {s.name}[/bold] ({'cluster ' + address if address else 'embedded Ray'}; MLflow {uri})")
+    for line in plan(s, num_cpus).lines():
+        out.print(f"  {line}")
+    progress, on_pretrain = _pretrain_progress()
+    try:
+        outcome = run_sweep(s, address, uri, num_cpus, on_pretrain)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    _print_outcome(outcome)
+    if report:
+        _after_sweep(s.name, uri)
+
+
+@app.command()
+@_user_errors
+def resume(
+    name: str = typer.Argument(..., help="Name of the sweep to continue."),
+    storage: Path | None = STORAGE,
+    address: str | None = ADDRESS,
+    tracking_uri: str | None = TRACKING,
+    num_cpus: int | None = NUM_CPUS,
+    report: bool = typer.Option(True, "--report/--no-report", help="Build the HTML report at the end."),
+) -> None:
+    """Continue a killed or interrupted sweep: finished trials are kept, the rest go on from checkpoints."""
+    from sct_sweeps.runner import resume_sweep
+
+    progress, on_pretrain = _pretrain_progress()
+    try:
+        outcome = resume_sweep(name, storage, address, tracking_uri, num_cpus, on_pretrain)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    _print_outcome(outcome)
+    if report:
+        _after_sweep(name, outcome.record.tracking_uri)
+
+
+@app.command()
+@_user_errors
+def status(
+    name: str | None = typer.Argument(None, help="Sweep name; without it, list every sweep."),
+    storage: Path | None = STORAGE,
+) -> None:
+    """Trials of a sweep with state, node, iteration and best metric so far (or the list of sweeps)."""
+    from sct_sweeps.status import sweep_rows, trial_rows
+
+    if name is None:
+        table = Table("sweep", "trials", "states", "MLflow store", "results")
+        for row in sweep_rows(storage):
+            table.add_row(*row)
+        out.print(table if table.rows else "no sweeps yet")
+        return
+    metric, rows = trial_rows(name, storage)
+    table = Table("trial", "state", "node", "iteration", f"best {metric}", "last error", title=f"sweep {name}")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+@_user_errors
+def validate(
+    spec: Path = typer.Argument(..., help="Sweep YAML to check."),
+    num_cpus: int | None = typer.Option(None, "--num-cpus", min=1, help="CPUs to plan for (default: this machine)."),
+) -> None:
+    """Check a sweep YAML and print its trial plan; runs nothing."""
+    from sct_sweeps.config import load_spec
+    from sct_sweeps.runner import check_local_gpu
+    from sct_sweeps.space import plan
+
+    s = load_spec(spec)
+    if s.resources.gpu != "auto":
+        check_local_gpu(s)
+    out.print(f"[bold]{spec}[/bold]: valid sweep {s.name} ({s.algorithm}, metric {s.metric} {s.mode})")
+    for line in plan(s, num_cpus).lines():
+        out.print(f"  {line}")
+
+
+@app.command()
+@_user_errors
+def sample(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file or directory holding state.pt."),
+    steps: int = typer.Option(1, "--steps", min=1, help="Sampler steps (1, 2, or N)."),
+    eta: float | None = typer.Option(None, "--eta", min=0.0, max=1.0, help="Edge-skipping eta (N-step)."),
+    cfg_strength: float = typer.Option(1.0, "--cfg", min=0.0, help="Guidance strength w (1 = none)."),
+    n: int = typer.Option(64, "--n", min=1, help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    out_path: Path = typer.Option(Path("grid.png"), "--out", help="Output PNG grid."),
+) -> None:
+    """Draw a grid of samples from a trained checkpoint (EMA weights)."""
+    from sct_sweeps.sampling import sample_grid
+
+    path = sample_grid(checkpoint, steps, eta, cfg_strength, n, seed, device, out_path)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+@_user_errors
+def ui(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1 = this machine only)."),
+    port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port."),
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """MLflow UI over the project's store (Ctrl-C stops it)."""
+    from sct_sweeps.config import project_dir
+
+    uri = tracking_uri or f"sqlite:///{project_dir() / 'mlruns.db'}"
+    if uri.startswith(("http://", "https://")):
+        out.print(f"the store is a tracking server already: open {uri}")
+        return
+    art = project_dir() / "mlartifacts"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--default-artifact-root",
+           str(art), "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
+    out.print(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C to stop")
+    proc = subprocess.Popen(cmd)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@app.command()
+@_user_errors
+def export(
+    name: str = typer.Argument(..., help="Sweep name."),
+    out_file: Path = typer.Argument(..., help="Parquet file to write."),
+    storage: Path | None = STORAGE,
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Every metric history of a sweep as Parquet: one row per (trial, step), params as columns."""
+    path = _dashboards("export").export_parquet(_uri_of(name, storage, tracking_uri), name, out_file)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+@_user_errors
+def report(
+    name: str = typer.Argument(..., help="Sweep name."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Directory for index.html (default reports/<name>)."),
+    publish: bool = typer.Option(True, "--publish/--no-publish", help="Also log it to the parent MLflow run."),
+    storage: Path | None = STORAGE,
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Plots and an HTML report of a sweep (FID curves, ablations, scaling fit)."""
+    mod = _dashboards("report")
+    uri = _uri_of(name, storage, tracking_uri)
+    path = (mod.publish_report if publish else mod.build_report)(uri, name, out_dir)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+@_user_errors
+def scaling(
+    name: str = typer.Argument(..., help="Sweep name."),
+    n_boot: int = typer.Option(200, "--n-boot", min=0, help="Bootstrap resamples for the exponent's CI."),
+    storage: Path | None = STORAGE,
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Power-law fit FID(C) = a*C^-b + c against each varied cost (iterations, FLOPs, params), with CI."""
+    loader, fit = _dashboards("loader"), _dashboards("scaling")
+    res = loader.load_sweep(_uri_of(name, storage, tracking_uri), name)
+    table = Table("FID", "vs", "points", "a", "b", "c", "R2 (log)", "b 95% CI", title=f"scaling of {name}")
+    for r in fit.fit_sweep(res.history, res.fid_steps, n_boot=n_boot):
+        label = f"{r.steps}-step"
+        if r.fit is None:
+            table.add_row(label, r.x, str(len(r.C)), "-", "-", "-", "-", r.error or "no fit")
+            continue
+        f = r.fit
+        ci = f"[{r.ci.low:.3g}, {r.ci.high:.3g}]" if r.ci is not None else (r.ci_error or "-")
+        table.add_row(label, r.x, str(f.n_points), f"{f.a:.3g}", f"{f.b:.3g}", f"{f.c:.3g}", f"{f.r2:.3f}", ci)
+    out.print(table)

@@ -1,0 +1,80 @@
+"""What `sct-sweep status` shows: Ray's stored experiment state, read without starting Ray.
+
+It reads the results directory only (a shared path on a cluster), so it works while a sweep runs,
+after it was killed, and from any machine that sees the storage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sct_sweeps.errors import SweepNotFoundError
+from sct_sweeps.runner import list_sweeps, load_record
+
+
+def _analysis(results_dir: str) -> Any:
+    from ray.tune import ExperimentAnalysis
+
+    if not (Path(results_dir) / "experiment_state.json").exists() and not list(
+        Path(results_dir).glob("experiment_state*.json")
+    ):
+        return None
+    return ExperimentAnalysis(results_dir)
+
+
+def trial_states(results_dir: str) -> dict[str, str]:
+    """trial id -> Ray status (PENDING, RUNNING, TERMINATED, ERROR, PAUSED)."""
+    analysis = _analysis(results_dir)
+    return {} if analysis is None else {t.trial_id: t.status for t in analysis.trials}
+
+
+def _best(trial: Any, metric: str, mode: str) -> float | None:
+    stats = (trial.metric_analysis or {}).get(metric) or {}
+    v = stats.get(mode)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[str, ...]]]:
+    """(metric, rows of trial id, state, node, iteration, best metric so far, last error line)."""
+    record = load_record(name, storage)
+    spec = record.spec
+    analysis = _analysis(record.results_dir)
+    if analysis is None:
+        raise SweepNotFoundError(f"{name}: no Ray experiment state in {record.results_dir} yet")
+    rows = []
+    for t in sorted(analysis.trials, key=lambda t: t.trial_id):
+        last = t.last_result or {}
+        node = str(last.get("node_id", ""))[:12] or str(last.get("node_ip", "") or "-")
+        best = _best(t, spec.metric, spec.mode)
+        it = last.get("iteration")
+        error = ""
+        if t.status == "ERROR" and t.error_file and Path(t.error_file).is_file():
+            lines = [ln for ln in Path(t.error_file).read_text().splitlines() if ln.strip()]
+            error = lines[-1][:80] if lines else ""
+        rows.append(
+            (
+                t.trial_id,
+                t.status,
+                node,
+                "-" if it is None else str(int(it)),
+                "-" if best is None else f"{best:.4g}",
+                error,
+            )
+        )
+    return spec.metric, rows
+
+
+def sweep_rows(storage: Path | None = None) -> list[tuple[str, ...]]:
+    """One row per sweep: name, trial count, states, MLflow store, results directory."""
+    rows = []
+    for r in list_sweeps(storage):
+        states = Counter(trial_states(r.results_dir).values())
+        text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "not started"
+        rows.append((r.name, str(sum(states.values())), text, r.tracking_uri, r.results_dir))
+    return rows
+
+
+__all__ = ["sweep_rows", "trial_rows", "trial_states", "load_record"]

@@ -1,0 +1,207 @@
+"""Shared test setup: Ray on loopback, private stores per test, a real MLflow server, process hygiene.
+
+Environment set here, before anything imports ray: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` keeps an
+embedded Ray on 127.0.0.1 (stack.md) — a multi-node test must drop it from its subprocesses' env
+(see `cluster_env`); `RAY_AUTH_MODE=disabled` silences the token warning; usage stats off.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the process we started, then SIGKILL it if it does not exit."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def processes_under(marker: str) -> list[int]:
+    """PIDs of live processes whose command line mentions `marker` (a private temp dir of one test)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((ln for ln in (entry / "status").read_text().splitlines() if ln.startswith("State:")), "")
+        except OSError:
+            continue
+        if marker in cmdline and "zombie" not in state:
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_pids(pids: list[int]) -> None:
+    """SIGKILL each PID (processes our test started that outlived it)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def pretrain_cache() -> Iterator[Path]:
+    """One pretraining cache for the whole test session: content-addressed, so tests share phase one."""
+    d = Path(tempfile.mkdtemp(prefix="sct-pretrain-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private project directory: default results, MLflow store and caches land here."""
+    monkeypatch.setenv("SCT_PROJECT_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path) -> str:
+    """A fresh MLflow SQLite store (absolute path)."""
+    return f"sqlite:///{tmp_path / 'mlruns.db'}"
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """A short private RAY_TMPDIR; afterwards no Ray process of it may survive (they are killed and the
+    test fails)."""
+    d = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield d
+    deadline = time.time() + 20
+    left = processes_under(str(d))
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = processes_under(str(d))
+    kill_pids(left)
+    shutil.rmtree(d, ignore_errors=True)
+    assert not left, f"Ray processes left behind: {left}"
+
+
+@pytest.fixture
+def cli_env(project: Path, ray_tmp: Path) -> dict[str, str]:
+    """Environment for running `sct-sweep` as a subprocess in the private project."""
+    env = dict(os.environ)
+    env.update(SCT_PROJECT_DIR=str(project), RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture
+def cluster_env(cli_env: dict[str, str]) -> dict[str, str]:
+    """Like cli_env, without the loopback-only switch that forbids multi-node Ray clusters."""
+    env = dict(cli_env)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    return env
+
+
+def sct_sweep() -> str:
+    """Path of the `sct-sweep` console script of this environment."""
+    return str(VENV_BIN / "sct-sweep")
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, local artifacts) that a test can stop and restart."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.store = root / "server"
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        cmd = [
+            str(VENV_BIN / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}",
+            "--default-artifact-root", str(self.store / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+        log = open(self.root / "mlflow-server.log", "ab")
+        # Its own session: the server and the workers it spawns form one process group we can signal.
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
+        log.close()
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                tail = (self.root / "mlflow-server.log").read_text()[-2000:]
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {tail}")
+            time.sleep(0.5)
+
+    def stop(self, graceful: bool = True) -> None:
+        """SIGTERM (or at once SIGKILL) the process group of the server we started, by its leader's PID."""
+        if self.proc is not None:
+            pgid = self.proc.pid  # start_new_session: the leader's PID is the group id
+            if graceful:
+                try:
+                    os.killpg(pgid, signal.SIGTERM)
+                    self.proc.wait(timeout=15)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+            self.proc = None
+        deadline = time.time() + 10
+        while processes_under(str(self.store)) and time.time() < deadline:
+            time.sleep(0.2)
+        kill_pids(processes_under(str(self.store)))
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A started MlflowServer (its `.url` is the tracking URI); stopped by PID afterwards."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

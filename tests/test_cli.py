@@ -1,0 +1,103 @@
+"""`sct-sweep` commands without a sweep running: help, validate, status, refusals (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, free_port, processes_under
+from typer.testing import CliRunner
+
+from sct_sweeps.cli import app
+
+TINY = {
+    "name": "tiny",
+    "base": {"iterations": 20, "network": {"model_channels": 8}},
+    "search": {"seed": {"grid": [0, 1]}},
+}
+COMMANDS = ["run", "resume", "status", "validate", "sample", "ui", "export", "report", "scaling"]
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(app, list(args))
+
+
+def one_error_line(result: object) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def write_spec(tmp_path: Path, **changes: object) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_explains_every_option(command: str) -> None:
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+    for opt in {"run": ["--address", "--tracking-uri", "--name", "--num-cpus"], "sample": ["--steps", "--eta", "--cfg",
+                "--out"], "ui": ["--host", "--port"]}.get(command, []):  # fmt: skip
+        assert opt in result.output, (command, opt)
+
+
+def test_validate_default_sweep_prints_plan(project: Path) -> None:
+    result = invoke("validate", str(REPO / "experiments" / "scaling.yaml"), "--num-cpus", "2")
+    assert result.exit_code == 0, result.output
+    assert "valid sweep scaling" in result.output
+    assert "trials: " in result.output and "estimate" in result.output
+    assert not (project / "ray_results").exists() and not (project / "mlruns.db").exists()
+
+
+def test_status_without_sweeps(project: Path) -> None:
+    result = invoke("status")
+    assert result.exit_code == 0 and "no sweeps yet" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["status", "nosuch"], "nosuch: no sweep at"),
+        (["resume", "nosuch"], "nosuch: no sweep at"),
+        (["resume", "../x"], "not a valid sweep name"),
+        (["sample", "/nonexistent/state.pt"], "checkpoint not found"),
+        (["validate", "/nonexistent/spec.yaml"], "sweep file not found"),
+        (["export", "nosuch", "/tmp/x.parquet"], "nosuch"),
+    ],
+)
+def test_user_errors_exit_2(project: Path, args: list[str], expected: str) -> None:
+    assert expected in one_error_line(invoke(*args))
+
+
+def test_run_refuses_gpu_where_none(project: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = one_error_line(invoke("run", str(write_spec(tmp_path, resources={"cpu": 1, "gpu": 1}))))
+    assert "resources.gpu: 1 GPU per trial requested" in line
+    assert not (project / "ray_results").exists() and not (project / "mlruns.db").exists()
+    assert not processes_under(str(project))
+
+
+def test_run_refuses_existing_sweep(project: Path, tmp_path: Path) -> None:
+    out = project / "ray_results" / "tiny"
+    out.mkdir(parents=True)
+    (out / "sct_sweep.json").write_text(json.dumps({}))
+    line = one_error_line(invoke("run", str(write_spec(tmp_path))))
+    assert "tiny: a sweep with this name exists" in line and "sct-sweep resume tiny" in line
+    line = one_error_line(invoke("run", str(write_spec(tmp_path)), "--name", "bad name"))
+    assert "--name: 'bad name' is not a valid sweep name" in line
+
+
+def test_run_refuses_unreachable_tracking_server(project: Path, tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    line = one_error_line(invoke("run", str(write_spec(tmp_path)), "--tracking-uri", uri))
+    assert f"tracking_uri {uri}: MLflow server not reachable" in line
+    assert not (project / "ray_results").exists()

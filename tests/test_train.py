@@ -1,0 +1,139 @@
+"""The training loop end to end on digits with tiny networks: real steps, real FID, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from trainer.config import TrainConfig
+from trainer.errors import DivergenceError
+from trainer.train import load_for_sampling, pretrain, train
+
+TINY = {
+    "network": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "dropout": 0.1},
+    "pretrain": {"iterations": 10, "batch_size": 32},
+    "optim": {"batch_size": 32, "lr": 1e-3},
+    "eval": {"every": 10, "fid_samples": 64, "batch_size": 64, "online": False},
+    "log_every": 5,
+    "checkpoint_every": 5,
+    "device": "cpu",
+}
+
+
+def tiny(tmp_path: Path, **over) -> TrainConfig:
+    raw = {**TINY, "out_dir": str(tmp_path / "run"), "iterations": 20, **over}
+    return TrainConfig.model_validate(raw)
+
+
+class Collect:
+    """A reporter that keeps everything it is given."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict, Path | None]] = []
+        self.artifacts: list[Path] = []
+
+    def report(self, step, metrics, checkpoint_dir=None):
+        self.rows.append((step, dict(metrics), checkpoint_dir))
+
+    def log_artifact(self, path):
+        self.artifacts.append(Path(path))
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(s, m[key]) for s, m, _ in self.rows if key in m]
+
+
+@pytest.mark.slow
+def test_sct_run_reports_fid_cost_and_checkpoints(tmp_path):
+    rep = Collect()
+    result = train(tiny(tmp_path, method="sct", sct={"ref_batch": 64}), rep)
+    fid1, fid2 = rep.series("fid_1step"), rep.series("fid_2step")
+    assert [s for s, _ in fid1] == [0, 10, 20] and len(fid2) == 3
+    assert all(v > 0 and v == v for _, v in fid1 + fid2)
+    losses = rep.series("loss")
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(v)) for _, v in losses)
+    flops = rep.series("flops")
+    assert flops[-1][1] > flops[0][1] > 0  # cumulative training FLOPs
+    assert rep.series("images_seen")[-1][1] == 20 * 32
+    assert any(k.startswith("ess_t") for _, m, _ in rep.rows for k in m)
+    assert result.checkpoint_dir is not None and (result.checkpoint_dir / "state.pt").is_file()
+    assert any(p.name.startswith("grid_1step") for p in rep.artifacts)
+    assert (tmp_path / "run" / "pretrain.pt").is_file()
+
+
+@pytest.mark.slow
+def test_resume_continues_from_checkpoint(tmp_path):
+    cfg = tiny(tmp_path, method="ect", iterations=10)
+    first = train(cfg, Collect())
+    rep = Collect()
+    cfg2 = cfg.model_copy(update={"iterations": 20})
+    train(cfg2, rep, resume_from=first.checkpoint_dir)
+    steps = [s for s, m, _ in rep.rows if "loss" in m]
+    assert steps[0] == 15 and steps[-1] == 20  # no step before the checkpoint is redone
+    assert rep.series("images_seen")[-1][1] == 20 * 32
+
+
+def test_pretrain_checkpoint_initialises_tuning_and_is_shared(tmp_path):
+    cfg = tiny(tmp_path, method="ect", iterations=0)
+    path = pretrain(cfg, tmp_path / "shared.pt")
+    mtime = path.stat().st_mtime_ns
+    assert pretrain(cfg, path) == path and path.stat().st_mtime_ns == mtime  # produced once
+    model, loaded_cfg, state = load_for_sampling(path, "cpu")
+    assert state["kind"] == "pretrain" and loaded_cfg.network.model_channels == 8
+    cfg2 = tiny(tmp_path, method="ect", iterations=5, pretrain={"checkpoint": str(path)})
+    cfg2.eval.every = 5
+    res = train(cfg2, Collect())
+    assert not (tmp_path / "run" / "pretrain.pt").exists()  # used the shared checkpoint
+    assert res.iterations == 5
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path):
+    cfg = tiny(tmp_path, method="ect", iterations=30, optim={"batch_size": 32, "lr": 1e30, "name": "adam"})
+    cfg.pretrain.iterations = 0
+    cfg.eval.at_start = False
+    with pytest.raises(DivergenceError, match="loss became"):
+        train(cfg, Collect())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"method": "edm"},
+        {"method": "ict", "pretrain": {"iterations": 0}},
+        {"method": "sct", "sct": {"ref_batch": "all", "phases": 2}, "sampler": {"steps": [1, 2]}},
+        {"method": "sct", "guidance": {"strength": 1.5, "bad_fraction": 0.5}},
+        {"method": "sct", "data": {"conditional": True}, "guidance": {"mode": "classic", "strength": 1.5}},
+    ],
+    ids=["edm", "ict", "sct-phased-all", "sct-autoguidance", "sct-conditional-classic"],
+)
+def test_methods_train(tmp_path, over):
+    rep = Collect()
+    res = train(tiny(tmp_path, **over), rep)
+    assert res.metrics["fid_1step"] > 0
+    if "guidance" in over:
+        assert res.metrics["guided"] == 1.0  # the final evaluation used guidance
+
+
+@pytest.mark.slow
+def test_cli_runs_and_bad_config_exits_2(tmp_path):
+    cfg = {**TINY, "method": "ect", "iterations": 5, "out_dir": str(tmp_path / "cli")}
+    cfg["eval"] = {**TINY["eval"], "every": 5}
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "trainer", "--config", str(good)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
+    assert any("fid_1step" in json.loads(line) for line in lines)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**cfg, "sct": {"ref_batch": -3}}))
+    out = subprocess.run([sys.executable, "-m", "trainer", "--config", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "sct.ref_batch" in err[0] and "bad.yaml" in err[0]
