@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 
 data:
 	@bash scripts/install_fmnist.sh
+	@bash scripts/install_chromium.sh
 
 test: install
 	$(PY) -m pytest -q

@@ -58,7 +58,8 @@ def random_shift(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Ten
 def accuracy(net: ClassifierNet, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
     """Fraction of `images` classified as `labels` (eval mode)."""
     net.eval()
-    hits = sum(int((net(images[i : i + batch]).argmax(1) == labels[i : i + batch]).sum()) for i in range(0, len(images), batch))
+    preds = torch.cat([net(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)])
+    hits = int((preds == labels).sum())
     return hits / len(images)
 
 

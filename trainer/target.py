@@ -24,7 +24,7 @@ def reference_set(
     """References {y_j} for a minibatch and the mask of which (sample, reference) pairs count.
 
     The minibatch comes first (so every sample's own x is a reference, as in STF); for n > B the
-    rest are i.i.d. dataset images not in the minibatch; n = "all" uses the whole dataset. For
+    rest are n − B random dataset images not in the minibatch; n = "all" uses the whole dataset. For
     n < B each sample uses itself and the n − 1 following minibatch samples (cyclically).
     Conditional (labels given): only same-class references count (spec §4.1).
     Returns (refs [n, ...], valid [B, n] bool, ref_labels or None).
@@ -37,11 +37,12 @@ def reference_set(
         offset = (torch.arange(B, device=dev)[None, :] - torch.arange(B, device=dev)[:, None]) % B
         valid = offset < n_total
     else:
+        # Extra references: n − B dataset images outside the minibatch, uniformly at random. Random
+        # keys with minibatch samples pushed last + topk: fixed shapes, no host synchronisation.
         in_batch = torch.zeros(N, dtype=torch.bool, device=dataset.device)
         in_batch[batch_idx.to(dataset.device)] = True
-        pool = (~in_batch).nonzero().flatten()
-        if n != "all":
-            pool = pool[torch.randperm(pool.numel(), device=pool.device)[: n_total - B]]
+        keys = torch.rand(N, device=dataset.device) + 2.0 * in_batch
+        pool = keys.topk(n_total - B, largest=False, sorted=False).indices
         ref_idx = torch.cat([batch_idx, pool.to(dev)])
         refs = torch.cat([x_batch, dataset[pool].to(dev)])
         valid = torch.ones(B, refs.shape[0], dtype=torch.bool, device=dev)
