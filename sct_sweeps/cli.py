@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,7 +28,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 ADDRESS = typer.Option(
@@ -67,7 +68,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INF
     """sct-sweep: `run` a sweep YAML, `resume` / `status` it, `report` / `scaling` / `export` its results."""
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mlflow").setLevel(level)  # MLflow logs its store migrations at INFO
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))  # read when mlflow is imported
 
 
 def _uri_of(name: str, storage: Path | None, given: str | None) -> str:
@@ -105,6 +106,14 @@ def _print_outcome(outcome: Any) -> None:
         f"  results: {r.results_dir}\n  MLflow: {r.tracking_uri} (experiment {r.experiment_id}, "
         f"parent run {r.parent_run_id})"
     )
+    if outcome.errors:
+        err.print(f"{outcome.errors} trial(s) failed: `sct-sweep status {r.name}` shows why (MLflow tag sct.error)")
+
+
+def _exit_status(outcome: Any) -> None:
+    """Exit 1 when every trial failed (a broken setup, not a bad trial); a partial failure still reports."""
+    if outcome.trials and outcome.errors == outcome.trials:
+        raise typer.Exit(1)
 
 
 def _pretrain_progress() -> tuple[Any, Callable[[int, int], None]]:
@@ -164,6 +173,7 @@ def run(
     _print_outcome(outcome)
     if report:
         _after_sweep(s.name, uri)
+    _exit_status(outcome)
 
 
 @app.command()
@@ -188,6 +198,7 @@ def resume(
     _print_outcome(outcome)
     if report:
         _after_sweep(name, outcome.record.tracking_uri)
+    _exit_status(outcome)
 
 
 @app.command()

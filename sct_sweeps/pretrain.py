@@ -17,12 +17,12 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sct_sweeps.config import SweepSpec, override
 from trainer.config import TrainConfig
+from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,15 @@ def ensure_pretrained(cfg: TrainConfig, cache_dir: Path) -> Path:
         from trainer.train import pretrain
 
         log.info("pretraining %s (%d iterations)", target.name, cfg.pretrain.iterations)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            pretrain(cfg, Path(tmp))
-            meta = {"key": target.stem, "settings": pretrain_settings(cfg)}
-            target.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # A fixed work path (the trainer resumes from its `.partial` beside it), renamed when complete.
+        work = target.with_name(f"{target.stem}.building.pt")
+        pretrain(cfg, work)
+        meta = {"key": target.stem, "settings": pretrain_settings(cfg)}
+        target.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        sidecar = work.with_name(work.name + ".sha256")  # the trainer's checksum file travels along
+        if sidecar.is_file():
+            os.replace(sidecar, target.with_name(target.name + ".sha256"))
+        os.replace(work, target)
     return target
 
 
@@ -156,7 +156,12 @@ def pretrain_all(
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         key = pending.pop(ready[0])
-        done[key] = Path(ray.get(ready[0]))
+        try:
+            done[key] = Path(ray.get(ready[0]))
+        except ray.exceptions.RayTaskError as e:  # a user error in phase one: show it, not Ray's wrapper
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise (e.cause if isinstance(e.cause, TrainerError) else e) from None
         if progress:
             progress(len(done), len(configs))
     return done

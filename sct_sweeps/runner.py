@@ -97,13 +97,20 @@ def list_sweeps(storage: Path | None = None) -> list[SweepRecord]:
 # -- Ray ---------------------------------------------------------------------------------------
 
 
+def _ray_log_level() -> int:
+    """Ray's own loggers (driver and workers): INFO only with --verbose."""
+    return min(logging.WARNING, logging.getLogger().getEffectiveLevel())
+
+
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Connect to the cluster at `address`, or start a private local Ray on 127.0.0.1."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Ray tables; progress is ours
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address:
         import ray
 
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, logging_level=_ray_log_level())
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
         return
@@ -118,6 +125,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         object_store_memory=OBJECT_STORE_BYTES,
         log_to_driver=True,
+        logging_level=_ray_log_level(),
     )
 
 
@@ -242,6 +250,7 @@ def _trainable(record: SweepRecord, spec: SweepSpec, resources: dict[str, float]
     from sct_sweeps.trainable import SweepContext, run_trial
 
     ctx = SweepContext(
+        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         spec=spec,
         tracking_uri=record.tracking_uri,
         experiment_id=record.experiment_id,
@@ -258,6 +267,7 @@ def _fit(tuner: Any, record: SweepRecord, client: Any, t0: float) -> SweepOutcom
         results = tuner.fit()
         errors = len(results.errors)
         status = "FINISHED"
+        client.set_tag(record.parent_run_id, "sct.failed_trials", str(errors))
         return SweepOutcome(record, time.perf_counter() - t0, len(results), errors)
     except KeyboardInterrupt:
         status = "KILLED"

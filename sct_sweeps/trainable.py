@@ -36,6 +36,7 @@ class SweepContext:
     parent_run_id: str
     pretrain_cache: str  # absolute
     results_dir: str  # absolute: <storage>/<sweep name>
+    log_level: str = "WARNING"  # of the trial's loggers (the driver's level; INFO with --verbose)
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -101,7 +102,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
 
     from trainer.train import train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(level=ctx.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     tracking.fail_fast_http()
     spec = ctx.spec
     trial_id = tune.get_context().get_trial_id()

@@ -57,8 +57,8 @@ def test_sct_run_reports_fid_cost_and_checkpoints(tmp_path):
     assert all(v > 0 and v == v for _, v in fid1 + fid2)
     losses = rep.series("loss")
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(v)) for _, v in losses)
-    flops = rep.series("flops")
-    assert flops[-1][1] > flops[0][1] > 0  # cumulative training FLOPs
+    flops = [m["flops"] for _, m, _ in rep.rows if "loss" in m]
+    assert flops == sorted(flops) and flops[0] > 0 and len(set(flops)) == len(flops)  # cumulative FLOPs
     assert rep.series("images_seen")[-1][1] == 20 * 32
     assert any(k.startswith("ess_t") for _, m, _ in rep.rows for k in m)
     assert result.checkpoint_dir is not None and (result.checkpoint_dir / "state.pt").is_file()

@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
     net_compiled = torch.compile(model.net) if cfg.compile else None
     if net_compiled is not None:
         model.net = net_compiled
-    evaluator = Evaluator(cfg, data, device)
+    evaluator: Evaluator | None = None  # built at the first evaluation (loads the feature network)
     snap_at = {round(f * cfg.iterations): f"{f:g}" for f in cfg.guidance.snapshot_fractions}
     bad_key = f"{cfg.guidance.bad_fraction:g}"
     bad_model = build_model(cfg, data).to(device).eval().requires_grad_(False)
@@ -238,7 +238,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
         return d
 
     def evaluate(done: int) -> None:
-        nonlocal last_ckpt, metrics
+        nonlocal last_ckpt, metrics, evaluator
+        evaluator = evaluator or Evaluator(cfg, data, device)
         guide = None
         if bad_key in snapshots:
             bad_model.load_state_dict(snapshots[bad_key])

@@ -25,32 +25,33 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 NATIVE_SHAPE: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 8), "fashion_mnist": (1, 32, 32)}
+WIDTHS: dict[str, tuple[int, ...]] = {"digits": (32, 64), "fashion_mnist": (32, 64, 128)}  # 8->2, 32->4
 
 
 class ClassifierNet(nn.Module):
-    """conv32-pool-conv64-pool-[avgpool to <=4x4]-fc128-fc10; `features()` is the 128-d fc output."""
+    """[conv3x3-ReLU-maxpool2] per width, then fc128-ReLU (the features) and fc10 (the logits)."""
 
-    def __init__(self, in_channels: int = 1, resolution: int = 32, num_classes: int = 10) -> None:
+    def __init__(
+        self, in_channels: int = 1, resolution: int = 32, widths: tuple[int, ...] = (32, 64, 128), num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.in_channels, self.resolution = in_channels, resolution
         self.num_features = 128  # read by the Fréchet distance (and torchmetrics' FID)
-        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.pooled = min(resolution // 4, 4)  # keeps fc1 small (shipped weights < 2 MB)
-        self.fc1 = nn.Linear(64 * self.pooled**2, self.num_features)
-        self.dropout = nn.Dropout(0.3)
+        chans = (in_channels, *widths)
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:], strict=True))
+        side = resolution >> len(widths)
+        self.fc1 = nn.Linear(widths[-1] * side * side, self.num_features)
         self.fc2 = nn.Linear(self.num_features, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations [N, 128] of images [N, C, H, W] in [-1, 1] at native resolution."""
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.adaptive_avg_pool2d(x, self.pooled)
+        for conv in self.convs:
+            x = F.max_pool2d(F.relu(conv(x)), 2)
         return F.relu(self.fc1(x.flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits [N, num_classes]."""
-        return self.fc2(self.dropout(self.features(x)))
+        return self.fc2(self.features(x))
 
 
 class ClassifierFeatures(nn.Module):
@@ -93,7 +94,7 @@ def build_classifier(dataset: str) -> ClassifierNet:
     if dataset not in NATIVE_SHAPE:
         raise ValueError(f"no classifier feature network for dataset {dataset!r}")
     c, h, _ = NATIVE_SHAPE[dataset]
-    return ClassifierNet(in_channels=c, resolution=h)
+    return ClassifierNet(in_channels=c, resolution=h, widths=WIDTHS[dataset])
 
 
 def load_classifier(dataset: str, weights_dir: Path = WEIGHTS_DIR) -> tuple[ClassifierNet, str]:

@@ -167,7 +167,9 @@ class FidInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """2048-d features [N, 2048] of RGB images [N, 3, H, W] in [-1, 1]."""
+        """2048-d features [N, 2048] of images [N, 3 or 1, H, W] in [-1, 1] (grey is repeated to RGB)."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
         x = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).float()  # EDM fid.py quantisation
         x = resize_bilinear_tf1(x, INPUT_SIZE)
         x = (x - 128) / 128

@@ -1,0 +1,119 @@
+"""Resume: one MLflow run per trial for its whole life, and a SIGKILLed driver resumed by `sct-sweep resume`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import processes_under, sct_sweep
+
+from sct_sweeps import tracking
+
+
+def test_tracker_reattaches_to_its_run_without_duplicate_steps(sqlite_uri: str, tmp_path: Path) -> None:
+    client = tracking.client(sqlite_uri)
+    exp = tracking.ensure_experiment(client, "reattach", tmp_path / "art")
+    parent = tracking.start_parent_run(client, exp, "reattach", {}, "name: reattach\n", tmp_path)
+
+    def tracker(trial: str) -> tracking.TrialTracker:
+        return tracking.TrialTracker(sqlite_uri, exp, parent, "reattach", trial, f"r-{trial}", {}, {"seed": "0"})
+
+    first = tracker("t0")
+    first.start()
+    for step in range(0, 60, 10):
+        first.log_metrics({"loss": float(step), "iteration": step}, step)
+    # The process dies here (no finish). The trial restarts from its checkpoint at step 30:
+    second = tracker("t0")
+    assert second.start() == first.run_id and second.reattached
+    for step in range(30, 90, 10):
+        second.log_metrics({"loss": 1000.0 + step, "iteration": step}, step)
+    second.log_metrics({"loss": -1.0}, 80)  # a second report at a logged step is dropped too
+    assert second.finish() == 0
+    other = tracker("t1")
+    assert other.start() != first.run_id
+    other.finish()
+
+    history = client.get_metric_history(first.run_id, "loss")
+    assert [m.step for m in history] == list(range(0, 90, 10))
+    assert [m.value for m in history][:6] == [float(s) for s in range(0, 60, 10)]  # first attempt's values kept
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["sct.attempts"] == "2"
+    runs = client.search_runs([exp], "tags.`sct.trial_id` = 't0'")
+    assert len(runs) == 1
+
+
+def _child_runs(uri: str, sweep: str) -> list:
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name(sweep)
+    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`sct.role` = 'trial'")
+
+
+@pytest.mark.slow
+def test_sigkilled_driver_resumes_without_rerunning_finished_trials(
+    tmp_path: Path, cli_env: dict[str, str], ray_tmp: Path, pretrain_cache: Path
+) -> None:
+    from test_sweep_e2e import assert_no_duplicate_steps, tiny_spec
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    raw = tiny_spec("killed", pretrain_cache, seeds=[0, 1, 2, 3], iterations=40)
+    raw["max_concurrent_trials"] = 1  # one trial at a time: the kill lands between "finished" and "not yet"
+    spec = tmp_path / "killed.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    log = open(tmp_path / "driver.log", "wb")
+    cmd = [sct_sweep(), "run", str(spec), "--tracking-uri", uri, "--num-cpus", "2", "--no-report"]
+    driver = subprocess.Popen(cmd, env=cli_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 400
+        finished: dict[str, tuple[str, int]] = {}
+        while time.time() < deadline and driver.poll() is None:
+            runs = _child_runs(uri, "killed")
+            finished = {r.info.run_id: (r.data.tags["sct.trial_id"], r.info.end_time)
+                        for r in runs if r.info.status == "FINISHED"}  # fmt: skip
+            running = [r for r in runs if r.info.status == "RUNNING" and "iteration" in r.data.metrics]
+            if finished and running:
+                break
+            time.sleep(1)
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert finished, "no trial finished in time"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        log.close()
+    # The embedded Ray dies with its driver (no cluster is left behind).
+    deadline = time.time() + 60
+    while processes_under(str(ray_tmp)) and time.time() < deadline:
+        time.sleep(1)
+    assert not processes_under(str(ray_tmp)), "Ray processes outlived the SIGKILLed driver"
+
+    done = subprocess.run(
+        [sct_sweep(), "resume", "killed", "--num-cpus", "2", "--no-report"],
+        env=cli_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    runs = _child_runs(uri, "killed")
+    per_trial = Counter(r.data.tags["sct.trial_id"] for r in runs)
+    assert len(per_trial) == 4 and set(per_trial.values()) == {1}, per_trial  # one run per trial
+    client = tracking.client(uri)
+    for r in runs:
+        assert r.info.status == "FINISHED", (r.info.run_name, r.info.status)
+        assert_no_duplicate_steps(client, r)
+        fid = [m.step for m in client.get_metric_history(r.info.run_id, "fid_1step")]
+        assert fid == sorted(fid) and fid[-1] == 40 and fid[0] == 0, fid  # continuous, to the end
+        if r.info.run_id in finished:  # finished before the kill: untouched by the resume
+            assert r.data.tags["sct.attempts"] == "1"
+            assert r.info.end_time == finished[r.info.run_id][1]
+    parent = client.search_runs([runs[0].info.experiment_id], "tags.`sct.role` = 'parent'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    record = json.loads((Path(cli_env["SCT_PROJECT_DIR"]) / "ray_results" / "killed" / "sct_sweep.json").read_text())
+    assert record["parent_run_id"] == parent[0].info.run_id

@@ -1,0 +1,107 @@
+"""A real sweep end to end: `sct-sweep run` (embedded Ray, SQLite MLflow, digits), read back two ways."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import sct_sweep
+
+from sct_sweeps import tracking
+
+
+def tiny_spec(name: str, pretrain_cache: Path, seeds: list[int] | None = None, iterations: int = 20) -> dict:
+    """A sweep of tiny SCT runs on digits (seconds per trial); the phase one is shared through the cache."""
+    search: dict[str, Any] = {"seed": {"grid": seeds}} if seeds else {
+        "network.model_channels": {"grid": [8, 16]},
+        "sct.ref_batch": {"grid": [1, "all"]},
+    }
+    return {
+        "name": name,
+        "base": {
+            "method": "sct",
+            "iterations": iterations,
+            "log_every": 5,
+            "checkpoint_every": 10,
+            "data": {"name": "digits"},
+            "network": {"model_channels": 8, "channel_mult": [1], "num_blocks": 1},
+            "pretrain": {"iterations": 20, "batch_size": 64},
+            "optim": {"batch_size": 64},
+            "ema": {"beta": 0.9},
+            "eval": {"every": 10, "fid_samples": 200, "batch_size": 200},
+        },
+        "search": search,
+        "resources": {"cpu": 1},
+        "pretrain_cache": str(pretrain_cache),
+    }
+
+
+def assert_no_duplicate_steps(client: Any, run: Any) -> None:
+    """Every metric of `run` has each step at most once."""
+    for key in run.data.metrics:
+        steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, key))
+        dup = {s: n for s, n in steps.items() if n > 1}
+        assert not dup, (run.info.run_name, key, dup)
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end(tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path) -> None:
+    spec = tmp_path / "e2e.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec("e2e", pretrain_cache)))
+    project = Path(cli_env["SCT_PROJECT_DIR"])
+    done = subprocess.run(
+        [sct_sweep(), "run", str(spec), "--num-cpus", "2"], env=cli_env, capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "sweep e2e: 4 trials, 0 failed" in done.stdout, done.stdout
+
+    # MLflow (default store of the project): a parent with the spec, one finished child per trial.
+    uri = f"sqlite:///{project / 'mlruns.db'}"
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name("e2e")
+    assert exp is not None and exp.artifact_location == (project / "mlartifacts" / "e2e").as_uri()
+    parents = client.search_runs([exp.experiment_id], "tags.`sct.role` = 'parent'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert "spec.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    spec_text = Path(client.download_artifacts(parent.info.run_id, "spec.yaml", str(tmp_path))).read_text()
+    assert yaml.safe_load(spec_text)["search"]["sct.ref_batch"] == {"grid": [1, "all"]}
+    assert parent.data.params["trials"] == "4" and parent.data.tags["sct.sweep"] == "e2e"
+
+    children = client.search_runs([exp.experiment_id], "tags.`sct.role` = 'trial'")
+    assert len(children) == 4
+    assert len({c.data.tags["sct.trial_id"] for c in children}) == 4
+    combos = {(c.data.tags["sct.axis.network.model_channels"], c.data.tags["sct.axis.sct.ref_batch"]) for c in children}
+    assert combos == {("8", "1"), ("8", "all"), ("16", "1"), ("16", "all")}
+    for c in children:
+        assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert c.info.status == "FINISHED", c.data.tags.get("sct.error")
+        assert c.info.run_name.startswith("sct-w")
+        assert c.data.params["sct.ref_batch"] in ("1", "all") and c.data.params["iterations"] == "20"
+        for key in ("fid_1step", "fid_2step"):
+            assert [m.step for m in client.get_metric_history(c.info.run_id, key)] == [0, 10, 20]
+        assert {"loss", "images_seen", "flops", "wall_s", "fid_1step_online"} <= set(c.data.metrics)
+        assert_no_duplicate_steps(client, c)
+        grids = [a.path for a in client.list_artifacts(c.info.run_id, "samples")]
+        assert any(p.endswith(".png") for p in grids), grids
+
+    # Ray's own record of the sweep.
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(project / "ray_results" / "e2e"))
+    assert [t.status for t in analysis.trials] == ["TERMINATED"] * 4
+    assert all(t.last_result["iteration"] == 20 and "fid_1step" in t.last_result for t in analysis.trials)
+    assert all(t.checkpoint is not None for t in analysis.trials)
+    assert {t.trial_id for t in analysis.trials} == {c.data.tags["sct.trial_id"] for c in children}
+
+    # The phase one was trained once per distinct pretraining config (2 widths), not once per trial.
+    assert len(list(pretrain_cache.glob("*.pt"))) >= 2
+    pre = Counter(c.data.tags["sct.pretrain_checkpoint"] for c in children)
+    assert sorted(pre.values()) == [2, 2]
+
+    status = subprocess.run([sct_sweep(), "status", "e2e"], env=cli_env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and status.stdout.count("TERMINATED") == 4, status.stdout + status.stderr
