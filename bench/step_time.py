@@ -13,13 +13,11 @@ import argparse
 import time
 
 import torch
+from common import make_step
 
 from trainer.config import TrainConfig
 from trainer.data import load_dataset
-from trainer.loss import consistency_loss, edm_loss
 from trainer.metrics.flops import count_flops
-from trainer.schedule import sample_t_r
-from trainer.target import reference_set
 from trainer.train import build_model
 
 
@@ -32,25 +30,6 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
-
-
-def make_step(method: str, ref: int | str, cfg: TrainConfig, model, data, opt, batch: int):
-    def step() -> None:
-        idx = torch.randperm(len(data))[:batch]
-        x = data.images[idx]
-        if method == "edm":
-            out = edm_loss(model, x, None, -1.2, 1.2)
-        else:
-            t, r = sample_t_r(batch, 0, 1000, 125, "ect", cfg.schedule, cfg.ict, 0.002, 80.0)
-            refs = valid = None
-            if method == "sct":
-                refs, valid, _ = reference_set(x, idx, data.images, ref)
-            out = consistency_loss(model, x, None, t, r, cfg.loss, method, refs, valid)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-
-    return step
 
 
 def main() -> None:

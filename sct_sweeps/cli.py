@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -77,7 +76,7 @@ def _uri_of(name: str, storage: Path | None, given: str | None) -> str:
         return given
     from sct_sweeps.config import project_dir
     from sct_sweeps.errors import SweepNotFoundError
-    from sct_sweeps.runner import load_record
+    from sct_sweeps.record import load_record
 
     try:
         return load_record(name, storage).tracking_uri
@@ -106,6 +105,8 @@ def _print_outcome(outcome: Any) -> None:
         f"  results: {r.results_dir}\n  MLflow: {r.tracking_uri} (experiment {r.experiment_id}, "
         f"parent run {r.parent_run_id})"
     )
+    for line in outcome.overhead_lines():
+        out.print(f"  {line}")
     if outcome.errors:
         err.print(f"{outcome.errors} trial(s) failed: `sct-sweep status {r.name}` shows why (MLflow tag sct.error)")
 
@@ -231,7 +232,7 @@ def validate(
 ) -> None:
     """Check a sweep YAML and print its trial plan; runs nothing."""
     from sct_sweeps.config import load_spec
-    from sct_sweeps.runner import check_local_gpu
+    from sct_sweeps.session import check_local_gpu
     from sct_sweeps.space import plan
 
     s = load_spec(spec)
@@ -279,12 +280,8 @@ def ui(
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--default-artifact-root",
            str(art), "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
     out.print(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C to stop")
-    proc = subprocess.Popen(cmd)
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=30)
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)  # become the server: its PID is ours, signals reach it directly
 
 
 @app.command()

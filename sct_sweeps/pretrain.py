@@ -104,6 +104,8 @@ def ensure_pretrained(cfg: TrainConfig, cache_dir: Path) -> Path:
         if sidecar.is_file():
             os.replace(sidecar, target.with_name(target.name + ".sha256"))
         os.replace(work, target)
+        for leftover in target.parent.glob(f"{work.name}.partial*"):  # the trainer's resume files
+            leftover.unlink(missing_ok=True)
     return target
 
 

@@ -1,169 +1,34 @@
-"""Run and resume sweeps: Ray (embedded or a cluster), shared pretraining, the Tuner, the parent run.
+"""Run and resume sweeps: shared pretraining, the Tuner, the parent MLflow run, closing the books.
 
-Embedded mode (no --address / RAY_ADDRESS) starts a private local Ray bound to 127.0.0.1 and stops
-it at the end; cluster mode connects to a running cluster and leaves it running. The results of a
-sweep live in ``<storage>/<name>``: Ray's experiment state plus ``sct_sweep.json``, which `resume`,
-`status` and the dashboards read (spec, MLflow store, experiment and parent run ids).
+The results of a sweep live in ``<storage>/<name>``: Ray's experiment state plus the sweep record
+(`record.py`). Ray itself is started or joined by `session.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sct_sweeps import tracking
 from sct_sweeps.config import (
     SweepSpec,
     artifact_root,
-    check_name,
-    parse_spec,
     pretrain_cache,
     project_dir,
     spec_yaml,
     storage_root,
     tracking_uri,
 )
-from sct_sweeps.errors import (
-    ClusterError,
-    ResourceError,
-    SweepExistsError,
-    SweepNotFoundError,
-    TrackingError,
-)
+from sct_sweeps.errors import SweepExistsError, TrackingError
+from sct_sweeps.record import RECORD, SweepRecord, load_record
+from sct_sweeps.session import check_local_gpu, slots, start_ray, stop_ray, trial_resources
 from sct_sweeps.space import param_space, scheduler, search_alg, trial_count
 
 log = logging.getLogger(__name__)
-
-RECORD = "sct_sweep.json"
-OBJECT_STORE_BYTES = 256 * 1024**2  # trials exchange only metrics and checkpoint paths
-
-
-@dataclasses.dataclass
-class SweepRecord:
-    """What a sweep needs to be resumed, inspected or reported (``<results>/sct_sweep.json``)."""
-
-    name: str
-    spec_yaml: str
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    pretrain_cache: str
-    results_dir: str
-    created: float
-    address: str | None = None
-
-    def save(self) -> None:
-        """Write atomically beside Ray's experiment state."""
-        path = Path(self.results_dir) / RECORD
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1))
-        os.replace(tmp, path)
-
-    @property
-    def spec(self) -> SweepSpec:
-        """The validated spec the sweep was started with."""
-        return parse_spec(yaml.safe_load(self.spec_yaml), f"{self.results_dir}/{RECORD}")
-
-
-def results_dir(name: str, storage: Path | None = None) -> Path:
-    """``<storage>/<name>`` (storage: the given root, else ``<project>/ray_results``)."""
-    return Path(storage or project_dir() / "ray_results").expanduser().resolve() / check_name(name)
-
-
-def load_record(name: str, storage: Path | None = None) -> SweepRecord:
-    """The record of sweep `name`; SweepNotFoundError naming where it looked."""
-    path = results_dir(name, storage) / RECORD
-    if not path.is_file():
-        raise SweepNotFoundError(f"{name}: no sweep at {path.parent} (pass --storage if it lives elsewhere)")
-    return SweepRecord(**json.loads(path.read_text()))
-
-
-def list_sweeps(storage: Path | None = None) -> list[SweepRecord]:
-    """Every sweep under the storage root, oldest first."""
-    root = Path(storage or project_dir() / "ray_results").expanduser().resolve()
-    records = [SweepRecord(**json.loads(p.read_text())) for p in root.glob(f"*/{RECORD}")]
-    return sorted(records, key=lambda r: r.created)
-
-
-# -- Ray ---------------------------------------------------------------------------------------
-
-
-def _ray_log_level() -> int:
-    """Ray's own loggers (driver and workers): INFO only with --verbose."""
-    return min(logging.WARNING, logging.getLogger().getEffectiveLevel())
-
-
-def start_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to the cluster at `address`, or start a private local Ray on 127.0.0.1."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Ray tables; progress is ours
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if address:
-        import ray
-
-        try:
-            ray.init(address=address, log_to_driver=True, logging_level=_ray_log_level())
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
-        return
-    # Before ray is imported: keep every Ray process on loopback, no token warning (stack.md).
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.pop("RAY_ADDRESS", None)
-    import ray
-
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        object_store_memory=OBJECT_STORE_BYTES,
-        log_to_driver=True,
-        logging_level=_ray_log_level(),
-    )
-
-
-def stop_ray() -> None:
-    """Disconnect (cluster) or shut the private Ray down (embedded)."""
-    import sys
-
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-
-
-def check_local_gpu(spec: SweepSpec) -> None:
-    """Before starting an embedded Ray: refuse a GPU request on a machine without CUDA."""
-    gpu = spec.resources.gpu
-    if isinstance(gpu, float) and gpu > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ResourceError(f"resources.gpu: {gpu:g} GPU per trial requested, but this machine has no CUDA GPU")
-
-
-def trial_resources(spec: SweepSpec) -> dict[str, float]:
-    """{cpu, gpu} per trial checked against the connected Ray: `auto` GPU = 1 where GPUs exist."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    max_cpu = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
-    max_gpu = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
-    cpu, gpu = spec.resources.cpu, spec.resources.gpu
-    gpu = (1.0 if max_gpu >= 1 else 0.0) if gpu == "auto" else float(gpu)
-    if cpu > max_cpu:
-        raise ResourceError(f"resources.cpu: {cpu:g} CPUs per trial, but the largest Ray node has {max_cpu:g}")
-    if gpu > max_gpu:
-        raise ResourceError(f"resources.gpu: {gpu:g} GPU per trial requested, but the Ray cluster has {max_gpu:g}")
-    return {"cpu": cpu, "gpu": gpu}
 
 
 # -- MLflow ------------------------------------------------------------------------------------
@@ -232,12 +97,26 @@ def reconcile_runs(record: SweepRecord) -> dict[str, str]:
 
 @dataclasses.dataclass
 class SweepOutcome:
-    """What `run` / `resume` did."""
+    """What `run` / `resume` did, and where the time went."""
 
     record: SweepRecord
     wall_s: float
     trials: int
     errors: int
+    pretrain_s: float = 0.0  # wall time of the shared pretraining phase
+    trial_s: float = 0.0  # sum over trials of their running time (Ray's time_total_s)
+    slots: int = 1  # trials that could run at once
+
+    def overhead_lines(self) -> list[str]:
+        """Wall time against the compute it bought: sum of trial time / parallel slots."""
+        ideal = self.trial_s / max(1, self.slots)
+        tuner_wall = self.wall_s - self.pretrain_s
+        eff = ideal / tuner_wall if tuner_wall > 0 else float("nan")
+        return [
+            f"wall {self.wall_s:.0f} s = pretraining {self.pretrain_s:.0f} s + trials {tuner_wall:.0f} s",
+            f"trial compute: sum {self.trial_s:.0f} s over {self.slots} slots = {ideal:.0f} s ideal; "
+            f"trial phase efficiency {eff:.0%} (the rest: Ray/worker start-up, imports, stragglers)",
+        ]
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -261,14 +140,15 @@ def _trainable(record: SweepRecord, spec: SweepSpec, resources: dict[str, float]
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
 
 
-def _fit(tuner: Any, record: SweepRecord, client: Any, t0: float) -> SweepOutcome:
+def _fit(tuner: Any, record: SweepRecord, client: Any, t0: float, pretrain_s: float, slots: int) -> SweepOutcome:
     status = "FAILED"
     try:
         results = tuner.fit()
         errors = len(results.errors)
         status = "FINISHED"
         client.set_tag(record.parent_run_id, "sct.failed_trials", str(errors))
-        return SweepOutcome(record, time.perf_counter() - t0, len(results), errors)
+        trial_s = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
+        return SweepOutcome(record, time.perf_counter() - t0, len(results), errors, pretrain_s, trial_s, slots)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -325,12 +205,14 @@ def run_sweep(
         try:
             from sct_sweeps.pretrain import pretrain_all
 
+            t_pre = time.perf_counter()
             pretrain_all(spec, Path(record.pretrain_cache), resources, on_pretrain)
+            pretrain_s = time.perf_counter() - t_pre
         except BaseException:
             tracking.end_run(client, parent, "FAILED")
             raise
         tuner = _make_tuner(spec, record, resources, progress)
-        return _fit(tuner, record, client, t0)
+        return _fit(tuner, record, client, t0, pretrain_s, slots(spec, resources))
     finally:
         stop_ray()
 
@@ -395,22 +277,26 @@ def resume_sweep(
     try:
         from ray import tune
 
-        if not tune.Tuner.can_restore(record.results_dir):
-            raise SweepNotFoundError(f"{name}: {record.results_dir} holds no Ray experiment state to resume")
         resources = trial_resources(spec)
         record.address = address
         record.save()
         tracking.reopen_run(client, record.parent_run_id)
         from sct_sweeps.pretrain import pretrain_all
 
+        t_pre = time.perf_counter()
         pretrain_all(spec, Path(record.pretrain_cache), resources, on_pretrain)
-        tuner = tune.Tuner.restore(
-            record.results_dir,
-            trainable=_trainable(record, spec, resources),
-            resume_unfinished=True,
-            resume_errored=True,
-            restart_errored=False,
-        )
-        return _fit(tuner, record, client, t0)
+        pretrain_s = time.perf_counter() - t_pre
+        if tune.Tuner.can_restore(record.results_dir):
+            tuner = tune.Tuner.restore(
+                record.results_dir,
+                trainable=_trainable(record, spec, resources),
+                resume_unfinished=True,
+                resume_errored=True,
+                restart_errored=False,
+            )
+        else:  # killed before the Tuner started (during pretraining): start it now, same parent run
+            log.info("sweep %s never reached the Tuner; starting it", name)
+            tuner = _make_tuner(spec, record, resources, progress=True)
+        return _fit(tuner, record, client, t0, pretrain_s, slots(spec, resources))
     finally:
         stop_ray()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sct_sweeps.errors import SweepNotFoundError
-from sct_sweeps.runner import list_sweeps, load_record
+from sct_sweeps.record import list_sweeps, load_record
 
 
 def _analysis(results_dir: str) -> Any:

@@ -80,19 +80,18 @@ class TuneReporter:
         self.tracker.log_artifact(Path(path), "samples" if Path(path).suffix == ".png" else None)
 
 
-def _restore_dir(workdir: Path) -> tuple[Path | None, str | None]:
-    """The trial's last Ray checkpoint copied to a local directory, and the MLflow run id it names."""
+def _restore_dir(workdir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The trial's last Ray checkpoint copied to a local directory, and what it says (run id, step)."""
     from ray import tune
 
     ckpt = tune.get_checkpoint()
     if ckpt is None:
-        return None, None
+        return None, {}
     dest = workdir / "resume"
     shutil.rmtree(dest, ignore_errors=True)
     path = Path(ckpt.to_directory(str(dest)))
     run_file = path / RUN_FILE
-    run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
-    return path, run_id
+    return path, (json.loads(run_file.read_text()) if run_file.is_file() else {})
 
 
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
@@ -103,6 +102,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     from trainer.train import train
 
     logging.basicConfig(level=ctx.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("ray.train").setLevel(max(logging.INFO, logging.getLevelName(ctx.log_level)))  # per-ckpt lines
     tracking.fail_fast_http()
     spec = ctx.spec
     trial_id = tune.get_context().get_trial_id()
@@ -110,7 +110,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     swept = swept_values(spec, config)
     cfg = override(trial_config(spec, config), {"out_dir": workdir / "out"})
     node_id = ray.get_runtime_context().get_node_id()
-    resume_from, run_id = _restore_dir(workdir)
+    resume_from, meta = _restore_dir(workdir)
     tags = {f"sct.axis.{p}": str(v) for p, v in swept.items()}
     tags["sct.node_id"] = node_id
     tracker = tracking.TrialTracker(
@@ -123,7 +123,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         tags=tags,
         params=tracking.flatten(cfg),
         lost_dir=Path(ctx.results_dir) / "mlflow_lost",
-        run_id=run_id,
+        run_id=meta.get("run_id"),
     )
     tracker.start()
     tracker.set_tag("sct.node_id", node_id)  # the node of the latest attempt
@@ -133,6 +133,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
             tracker.set_tag("sct.pretrain_checkpoint", str(cfg.pretrain.checkpoint))
         if resume_from is not None:
             log.info("trial %s resumes from %s", trial_id, resume_from)
+            tracker.set_tag("sct.resumed_from", str(meta.get("step", "?")))
         train(cfg, reporter=TuneReporter(tracker, node_id), resume_from=resume_from)
     except SystemExit:  # Ray stopped the trial (scheduler decision or sweep end) inside tune.report
         tracker.set_tag("sct.stopped", "by scheduler")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MlflowServer, sct_sweep
+from conftest import MlflowServer, free_port, kill_pids, processes_under, sct_sweep, stop_pid
 
 from sct_sweeps import tracking
 
@@ -114,3 +114,37 @@ def test_sweep_against_mlflow_server(
         assert {"loss", "fid_1step", "fid_2step", "images_seen", "flops", "wall_s"} <= keys, keys
     listing = rest(mlflow_server.url, "/api/2.0/mlflow/artifacts/list", run_id=parent_id)
     assert "spec.yaml" in [f["path"] for f in listing.get("files", [])]
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) with a socket listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.rsplit(":", 1)
+            if int(p, 16) == port and state == "0A":
+                found.append(addr)
+    return found
+
+
+@pytest.mark.slow
+def test_ui_binds_loopback_by_default(project: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sct_sweep(), "ui", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.5)
+        assert _listening(port) and set(_listening(port)) <= {"0100007F"}, _listening(port)  # 127.0.0.1 only
+        assert (project / "mlruns.db").exists()  # the project's store
+    finally:
+        stop_pid(proc, timeout=30)  # the CLI exec'd into the server: this PID is the server
+        kill_pids(processes_under(str(project / "mlruns.db")))

@@ -72,12 +72,14 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(
     try:
         deadline = time.time() + 400
         finished: dict[str, tuple[str, int]] = {}
+        interrupted = None
         while time.time() < deadline and driver.poll() is None:
             runs = _child_runs(uri, "killed")
             finished = {r.info.run_id: (r.data.tags["sct.trial_id"], r.info.end_time)
                         for r in runs if r.info.status == "FINISHED"}  # fmt: skip
             running = [r for r in runs if r.info.status == "RUNNING" and "iteration" in r.data.metrics]
             if finished and running:
+                interrupted = running[0].info.run_id
                 break
             time.sleep(1)
         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
@@ -113,6 +115,10 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(
         if r.info.run_id in finished:  # finished before the kill: untouched by the resume
             assert r.data.tags["sct.attempts"] == "1"
             assert r.info.end_time == finished[r.info.run_id][1]
+    # The trial the kill interrupted went on in its own run (second attempt), not in a new one.
+    again = next(r for r in runs if r.info.run_id == interrupted)
+    assert again.data.tags["sct.attempts"] == "2"
+    assert int(again.data.tags["sct.resumed_from"]) >= 0  # from its Ray checkpoint, not from scratch
     parent = client.search_runs([runs[0].info.experiment_id], "tags.`sct.role` = 'parent'")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     record = json.loads((Path(cli_env["SCT_PROJECT_DIR"]) / "ray_results" / "killed" / "sct_sweep.json").read_text())

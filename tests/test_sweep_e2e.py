@@ -105,3 +105,40 @@ def test_sweep_end_to_end(tmp_path: Path, cli_env: dict[str, str], pretrain_cach
 
     status = subprocess.run([sct_sweep(), "status", "e2e"], env=cli_env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and status.stdout.count("TERMINATED") == 4, status.stdout + status.stderr
+
+    # A trial's last checkpoint samples with any step count.
+    grid = tmp_path / "grid.png"
+    ckpt = analysis.trials[0].checkpoint.path
+    done = subprocess.run([sct_sweep(), "sample", ckpt, "--steps", "2", "--n", "16", "--out", str(grid)],
+                          env=cli_env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and grid.read_bytes()[:4] == b"\x89PNG", done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_optuna_sweep_with_asha(tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path) -> None:
+    raw = tiny_spec("tpe", pretrain_cache, iterations=30)
+    raw["search"] = {"sct.ref_batch": {"choice": [1, 64, "all"]}, "optim.lr": {"loguniform": [1e-4, 1e-3]}}
+    raw.update(algorithm="optuna", num_samples=4, max_concurrent_trials=2,
+               scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2})  # fmt: skip
+    spec = tmp_path / "tpe.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [sct_sweep(), "run", str(spec), "--num-cpus", "2", "--no-report"],
+        env=cli_env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    project = Path(cli_env["SCT_PROJECT_DIR"])
+    client = tracking.client(f"sqlite:///{project / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("tpe")
+    children = client.search_runs([exp.experiment_id], "tags.`sct.role` = 'trial'")
+    assert len(children) == 4
+    for c in children:
+        assert c.info.status == "FINISHED", (c.info.run_name, c.info.status)  # early-stopped ones too
+        assert 1e-4 <= float(c.data.tags["sct.axis.optim.lr"]) <= 1e-3
+        assert c.data.tags["sct.axis.sct.ref_batch"] in ("1", "64", "all")
+        assert_no_duplicate_steps(client, c)
+    results = project / "ray_results" / "tpe"
+    assert list(results.glob("searcher-state-*.pkl")), "Optuna's state is saved for resume"
+    from ray.tune import ExperimentAnalysis
+
+    assert [t.status for t in ExperimentAnalysis(str(results)).trials] == ["TERMINATED"] * 4

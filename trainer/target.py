@@ -40,7 +40,7 @@ def reference_set(
         # Extra references: n − B dataset images outside the minibatch, uniformly at random. Random
         # keys with minibatch samples pushed last + topk: fixed shapes, no host synchronisation.
         in_batch = torch.zeros(N, dtype=torch.bool, device=dataset.device)
-        in_batch[batch_idx.to(dataset.device)] = True
+        in_batch.index_fill_(0, batch_idx.to(dataset.device), True)  # a scalar fill: no host-to-device copy
         keys = torch.rand(N, device=dataset.device) + 2.0 * in_batch
         pool = keys.topk(n_total - B, largest=False, sorted=False).indices
         ref_idx = torch.cat([batch_idx, pool.to(dev)])

@@ -12,7 +12,6 @@ another resolution (digits trained at 16x16) are resized to it (area / bilinear)
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import torch
@@ -20,8 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import CheckpointError
-
-log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 NATIVE_SHAPE: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 8), "fashion_mnist": (1, 32, 32)}

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 REFERENCE_SPLIT = {"digits": "all", "fashion_mnist": "test", "cifar10": "train", "imagenet64": "train"}
 _CACHE_VERSION = "fid-ref-v1"  # bump when feature preprocessing changes
 _MEMORY: dict[str, GaussianStats] = {}
+_CLASSIFIER_BATCH = 2500
 
 
 def cache_dir() -> Path:
@@ -138,9 +139,11 @@ class FidEvaluator:
         if cfg.data.name not in NATIVE_SHAPE and ref.shape[0] not in (1, 3):
             raise ConfigError(f"data.name: {cfg.data.name} images have {ref.shape[0]} channels; Inception needs 1 or 3")
         net = net.to(device)
-        stats = reference_stats(net, digest, ref.images, device, cfg.eval.batch_size)
+        # classifier features are cheap: large batches cut per-call overhead; Inception uses eval.batch_size
+        batch = max(cfg.eval.batch_size, _CLASSIFIER_BATCH) if cfg.data.name in NATIVE_SHAPE else cfg.eval.batch_size
+        stats = reference_stats(net, digest, ref.images, device, batch)
         log.info("FID reference: %s/%s, %d images, %d-d features", cfg.data.name, split, stats.n, net.num_features)
-        return cls(net, stats, device, cfg.eval.batch_size)
+        return cls(net, stats, device, batch)
 
     def statistics(self, images: torch.Tensor) -> GaussianStats:
         """Feature statistics of `images` (batched, eval mode, no grad)."""

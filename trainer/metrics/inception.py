@@ -22,7 +22,9 @@ from torch import nn
 from trainer.errors import CheckpointError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 INPUT_SIZE = 299
 _OFFICIAL_SUFFIX, _OFFICIAL_SHA_PREFIX = "inception-2015-12-05-6726825d.pth", "6726825d"
 

@@ -1,0 +1,67 @@
+"""What a sweep leaves on disk beside Ray's experiment state: ``<storage>/<name>/sct_sweep.json``.
+
+`resume`, `status` and the dashboards read it: the validated spec, the MLflow store, the
+experiment and parent run ids, the pretraining cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from sct_sweeps.config import SweepSpec, check_name, parse_spec, project_dir
+from sct_sweeps.errors import SweepNotFoundError
+
+RECORD = "sct_sweep.json"
+
+
+@dataclasses.dataclass
+class SweepRecord:
+    """What a sweep needs to be resumed, inspected or reported (``<results>/sct_sweep.json``)."""
+
+    name: str
+    spec_yaml: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    pretrain_cache: str
+    results_dir: str
+    created: float
+    address: str | None = None
+
+    def save(self) -> None:
+        """Write atomically beside Ray's experiment state."""
+        path = Path(self.results_dir) / RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        os.replace(tmp, path)
+
+    @property
+    def spec(self) -> SweepSpec:
+        """The validated spec the sweep was started with."""
+        return parse_spec(yaml.safe_load(self.spec_yaml), f"{self.results_dir}/{RECORD}")
+
+
+def results_dir(name: str, storage: Path | None = None) -> Path:
+    """``<storage>/<name>`` (storage: the given root, else ``<project>/ray_results``)."""
+    return Path(storage or project_dir() / "ray_results").expanduser().resolve() / check_name(name)
+
+
+def load_record(name: str, storage: Path | None = None) -> SweepRecord:
+    """The record of sweep `name`; SweepNotFoundError naming where it looked."""
+    path = results_dir(name, storage) / RECORD
+    if not path.is_file():
+        raise SweepNotFoundError(f"{name}: no sweep at {path.parent} (pass --storage if it lives elsewhere)")
+    return SweepRecord(**json.loads(path.read_text()))
+
+
+def list_sweeps(storage: Path | None = None) -> list[SweepRecord]:
+    """Every sweep under the storage root, oldest first."""
+    root = Path(storage or project_dir() / "ray_results").expanduser().resolve()
+    records = [SweepRecord(**json.loads(p.read_text())) for p in root.glob(f"*/{RECORD}")]
+    return sorted(records, key=lambda r: r.created)

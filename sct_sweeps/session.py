@@ -1,0 +1,93 @@
+"""The Ray a sweep runs on: a private embedded one on 127.0.0.1, or an existing cluster.
+
+Embedded mode sets the loopback switch before ray is first imported (stack.md) and shuts Ray down
+at the end; cluster mode (`--address` / RAY_ADDRESS) connects and leaves the cluster running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from sct_sweeps.config import SweepSpec
+from sct_sweeps.errors import ClusterError, ResourceError
+from sct_sweeps.space import trial_count
+
+OBJECT_STORE_BYTES = 256 * 1024**2  # trials exchange only metrics and checkpoint paths
+
+
+def _ray_log_level() -> int:
+    """Ray's own loggers (driver and workers): INFO only with --verbose."""
+    return min(logging.WARNING, logging.getLogger().getEffectiveLevel())
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at `address`, or start a private local Ray on 127.0.0.1."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Ray tables; progress is ours
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address:
+        import ray
+
+        try:
+            ray.init(address=address, log_to_driver=True, logging_level=_ray_log_level())
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
+        return
+    # Before ray is imported: keep every Ray process on loopback, no token warning (stack.md).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        object_store_memory=OBJECT_STORE_BYTES,
+        log_to_driver=True,
+        logging_level=_ray_log_level(),
+    )
+
+
+def stop_ray() -> None:
+    """Disconnect (cluster) or shut the private Ray down (embedded)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def check_local_gpu(spec: SweepSpec) -> None:
+    """Before starting an embedded Ray: refuse a GPU request on a machine without CUDA."""
+    gpu = spec.resources.gpu
+    if isinstance(gpu, float) and gpu > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ResourceError(f"resources.gpu: {gpu:g} GPU per trial requested, but this machine has no CUDA GPU")
+
+
+def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """{cpu, gpu} per trial checked against the connected Ray: `auto` GPU = 1 where GPUs exist."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    max_cpu = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+    max_gpu = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    gpu = (1.0 if max_gpu >= 1 else 0.0) if gpu == "auto" else float(gpu)
+    if cpu > max_cpu:
+        raise ResourceError(f"resources.cpu: {cpu:g} CPUs per trial, but the largest Ray node has {max_cpu:g}")
+    if gpu > max_gpu:
+        raise ResourceError(f"resources.gpu: {gpu:g} GPU per trial requested, but the Ray cluster has {max_gpu:g}")
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def slots(spec: SweepSpec, resources: dict[str, float]) -> int:
+    """How many trials the connected Ray can run at once."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    n = max(1, int(cpus // resources["cpu"]))
+    return min(n, spec.max_concurrent_trials or n, trial_count(spec))
