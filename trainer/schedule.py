@@ -65,11 +65,11 @@ def ict_sample_pair(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (t, r) = (σ_{i+1}, σ_i) with p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − ...))."""
-    sig = karras_sigmas(num_scales, sigma_min, sigma_max, rho)
+    sig = karras_sigmas(num_scales, sigma_min, sigma_max, rho).to(device)
     cdf = torch.erf((sig.log() - p_mean) / (math.sqrt(2.0) * p_std))
     probs = (cdf[1:] - cdf[:-1]).clamp_min(0.0)
-    i = torch.multinomial(probs / probs.sum(), n, replacement=True)
-    return sig[i + 1].float().to(device), sig[i].float().to(device)
+    i = torch.multinomial(probs / probs.sum(), n, replacement=True)  # on the device: no host sync
+    return sig[i + 1].float(), sig[i].float()
 
 
 def sample_t_r(

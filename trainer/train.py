@@ -77,10 +77,16 @@ def build_model(cfg: TrainConfig, data: ImageDataset) -> ConsistencyModel:
     return ConsistencyModel(net, cfg.precond, edges)
 
 
-def _batch(data: ImageDataset, b: int, conditional: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A minibatch without repeats: (indices, images, labels or None)."""
+def _batch(
+    data: ImageDataset, b: int, conditional: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A minibatch without repeats on `device`: (indices, images, labels or None)."""
     idx = torch.randperm(len(data), device=data.images.device)[:b]
-    return idx, data.images[idx], (data.labels[idx] if conditional else None)
+    x, labels = data.images[idx], (data.labels[idx] if conditional else None)
+    if x.device != device:  # dataset kept on the host (data.on_device: false)
+        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+        labels = labels.to(device) if labels is not None else None
+    return idx.to(device), x, labels
 
 
 def _load_data(cfg: TrainConfig, device: torch.device) -> ImageDataset:
@@ -130,7 +136,7 @@ def pretrain(cfg: TrainConfig, path: Path, reporter: Reporter | None = None) -> 
     p = cfg.pretrain
     t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
     for it in range(start, p.iterations):
-        _, x, labels = _batch(data, p.batch_size, cfg.data.conditional)
+        _, x, labels = _batch(data, p.batch_size, cfg.data.conditional, device)
         with autocast(device, cfg.precision):
             out = edm_loss(model, x, labels, p.p_mean, p.p_std)
         opt.zero_grad(set_to_none=True)
@@ -213,9 +219,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
         _set_rng_state(state["rng"])
         log.info("resumed at iteration %d from %s", start, state_path)
 
-    net_compiled = torch.compile(model.net) if cfg.compile else None
-    if net_compiled is not None:
-        model.net = net_compiled
+    if cfg.compile:
+        model.net.compile()  # in place: checkpoint keys keep their names
     evaluator: Evaluator | None = None  # built at the first evaluation (loads the feature network)
     snap_at = {round(f * cfg.iterations): f"{f:g}" for f in cfg.guidance.snapshot_fractions}
     bad_key = f"{cfg.guidance.bad_fraction:g}"
@@ -266,7 +271,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
 
     def step(it: int) -> None:
         nonlocal loss_sum
-        idx, x, labels = _batch(data, batch, cfg.data.conditional)
+        idx, x, labels = _batch(data, batch, cfg.data.conditional, device)
         with autocast(device, cfg.precision):
             if not tuning:
                 out = edm_loss(model, x, labels, cfg.pretrain.p_mean, cfg.pretrain.p_std)
