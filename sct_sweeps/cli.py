@@ -135,8 +135,10 @@ def _pretrain_progress() -> tuple[Any, Callable[[int, int], None]]:
 
 def _after_sweep(name: str, uri: str) -> None:
     """Best effort: build and publish the report; a failure is a warning, not a failed sweep."""
+    from sct_sweeps.config import project_dir
+
     try:
-        path = _dashboards("report").publish_report(uri, name)
+        path = _dashboards("report").publish_report(uri, name, project_dir() / "reports" / name)
         out.print(f"report: {path}")
     except Exception as e:
         err.print(f"warning: report not built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
@@ -270,9 +272,9 @@ def ui(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """MLflow UI over the project's store (Ctrl-C stops it)."""
-    from sct_sweeps.config import project_dir
+    from sct_sweeps.config import normalize_uri, project_dir
 
-    uri = tracking_uri or f"sqlite:///{project_dir() / 'mlruns.db'}"
+    uri = normalize_uri(tracking_uri or f"sqlite:///{project_dir() / 'mlruns.db'}")
     if uri.startswith(("http://", "https://")):
         out.print(f"the store is a tracking server already: open {uri}")
         return
@@ -301,14 +303,17 @@ def export(
 @_user_errors
 def report(
     name: str = typer.Argument(..., help="Sweep name."),
-    out_dir: Path | None = typer.Option(None, "--out", help="Directory for index.html (default reports/<name>)."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Output directory (default <project>/reports/<name>)."),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="Also log it to the parent MLflow run."),
     storage: Path | None = STORAGE,
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Plots and an HTML report of a sweep (FID curves, ablations, scaling fit)."""
+    from sct_sweeps.config import project_dir
+
     mod = _dashboards("report")
     uri = _uri_of(name, storage, tracking_uri)
+    out_dir = out_dir or project_dir() / "reports" / name
     path = (mod.publish_report if publish else mod.build_report)(uri, name, out_dir)
     out.print(f"wrote {path}")
 

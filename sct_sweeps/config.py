@@ -347,14 +347,18 @@ def pretrain_cache(spec: SweepSpec) -> Path:
     return Path(spec.pretrain_cache or project_dir() / ".cache" / "pretrain").expanduser().resolve()
 
 
+def normalize_uri(uri: str) -> str:
+    """A tracking URI usable from any working directory: relative SQLite paths made absolute."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri:  # a bare path: MLflow would read it as a file store, which 3.x refuses
+        raise SpecError(f"tracking_uri: {uri!r} needs a scheme: sqlite:////abs/path.db or http://host:port")
+    return uri
+
+
 def tracking_uri(spec: SweepSpec, given: str | None = None) -> str:
     """--tracking-uri / MLFLOW_TRACKING_URI, else the spec's, else ``sqlite:////<project>/mlruns.db``.
 
     A relative SQLite path is made absolute (Ray moves the trial's working directory).
     """
-    uri = given or spec.tracking_uri or f"sqlite:///{project_dir() / 'mlruns.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
-    elif "://" not in uri:  # a bare path: MLflow would read it as a file store, which 3.x refuses
-        raise SpecError(f"tracking_uri: {uri!r} needs a scheme: sqlite:////abs/path.db or http://host:port")
-    return uri
+    return normalize_uri(given or spec.tracking_uri or f"sqlite:///{project_dir() / 'mlruns.db'}")

@@ -18,7 +18,7 @@ from typing import Any
 
 from sct_sweeps import tracking
 from sct_sweeps.config import SweepSpec, override
-from sct_sweeps.pretrain import with_pretrain
+from sct_sweeps.pretrain import cache_path, needs_pretrain, with_pretrain
 from sct_sweeps.space import run_name, swept_values, trial_config
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     cfg = override(trial_config(spec, config), {"out_dir": workdir / "out"})
     node_id = ray.get_runtime_context().get_node_id()
     resume_from, meta = _restore_dir(workdir)
+    cache = Path(ctx.pretrain_cache)
+    planned = override(cfg, {"pretrain.checkpoint": cache_path(cfg, cache)}) if needs_pretrain(cfg) else cfg
     tags = {f"sct.axis.{p}": str(v) for p, v in swept.items()}
     tags["sct.node_id"] = node_id
     tracker = tracking.TrialTracker(
@@ -121,14 +123,14 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         trial_id=trial_id,
         run_name=run_name(cfg, swept),
         tags=tags,
-        params=tracking.flatten(cfg),
+        params=tracking.flatten(planned),  # as trained: with the shared phase-one checkpoint
         lost_dir=Path(ctx.results_dir) / "mlflow_lost",
         run_id=meta.get("run_id"),
     )
     tracker.start()
     tracker.set_tag("sct.node_id", node_id)  # the node of the latest attempt
     try:
-        cfg = with_pretrain(cfg, Path(ctx.pretrain_cache))
+        cfg = with_pretrain(cfg, cache)
         if cfg.pretrain.checkpoint is not None:
             tracker.set_tag("sct.pretrain_checkpoint", str(cfg.pretrain.checkpoint))
         if resume_from is not None:

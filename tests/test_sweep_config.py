@@ -54,10 +54,16 @@ BAD = [
     ("axis-empty-grid", {"search": {"seed": {"grid": []}}}, "grid: must list at least one value"),
     ("uniform-reversed", {"search": {"optim.lr": {"uniform": [0.1, 0.01]}}}, "needs lo < hi"),
     ("loguniform-zero", {"search": {"optim.lr": {"loguniform": [0.0, 0.01]}}}, "loguniform: needs lo > 0"),
-    ("width-negative-axis", {"search": {"network.model_channels": {"grid": [16, -8]}}},
-     "search.network.model_channels.grid[1]"),
-    ("mapping-unknown", {"search": {"schedule.mapping": {"choice": ["sigmoid", "cosine"]}}},
-     "search.schedule.mapping.choice[1]"),
+    (
+        "width-negative-axis",
+        {"search": {"network.model_channels": {"grid": [16, -8]}}},
+        "search.network.model_channels.grid[1]",
+    ),
+    (
+        "mapping-unknown",
+        {"search": {"schedule.mapping": {"choice": ["sigmoid", "cosine"]}}},
+        "search.schedule.mapping.choice[1]",
+    ),
     ("q-not-above-1", {"search": {"schedule.q": {"grid": [2, 1]}}}, "search.schedule.q.grid[1]"),
     ("iterations-uniform", {"search": {"iterations": {"uniform": [10, 20]}}}, "iterations takes integers"),
     ("optuna-with-grid", {"algorithm": "optuna"}, "Optuna cannot search a grid"),
@@ -72,10 +78,16 @@ BAD = [
     ("grace-beyond-budget", {"scheduler": {"type": "asha", "grace_period": 500}}, "scheduler.grace_period: 500"),
     ("missing-data-root", {"base/data": {"name": "folder", "root": "/nonexistent/sct-data"}}, "data.root"),
     ("folder-without-root", {"base/data": {"name": "folder"}}, "data.root: the folder dataset"),
-    ("cifar-without-inception", {"base/data": {"name": "cifar10", "root": "/tmp"}},
-     "eval.inception_weights: cifar10 FID needs"),
-    ("missing-pretrain-checkpoint", {"base/pretrain": {"checkpoint": "/nonexistent/pre.pt"}},
-     "pretrain.checkpoint: /nonexistent/pre.pt: file not found"),
+    (
+        "cifar-without-inception",
+        {"base/data": {"name": "cifar10", "root": "/tmp"}},
+        "eval.inception_weights: cifar10 FID needs",
+    ),
+    (
+        "missing-pretrain-checkpoint",
+        {"base/pretrain": {"checkpoint": "/nonexistent/pre.pt"}},
+        "pretrain.checkpoint: /nonexistent/pre.pt: file not found",
+    ),
     ("classic-cfg-unconditional", {"base/guidance": {"mode": "classic"}}, "classic needs data.conditional"),
     ("bad-device", {"base/device": "tpu"}, "base.device:"),
     ("missing-search", {"search": None}, "search:"),
@@ -111,8 +123,9 @@ def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_optuna_choices_accepted() -> None:
-    raw = spec_with(algorithm="optuna", num_samples=3, search={"sampler.eta": {"uniform": [0.0, 0.5]},
-                                                               "seed": {"choice": [0, 1]}})
+    raw = spec_with(
+        algorithm="optuna", num_samples=3, search={"sampler.eta": {"uniform": [0.0, 0.5]}, "seed": {"choice": [0, 1]}}
+    )
     spec = parse_spec(raw)
     assert spec.search["sampler.eta"].kind == "uniform"
 

@@ -16,10 +16,14 @@ from sct_sweeps import tracking
 
 def tiny_spec(name: str, pretrain_cache: Path, seeds: list[int] | None = None, iterations: int = 20) -> dict:
     """A sweep of tiny SCT runs on digits (seconds per trial); the phase one is shared through the cache."""
-    search: dict[str, Any] = {"seed": {"grid": seeds}} if seeds else {
-        "network.model_channels": {"grid": [8, 16]},
-        "sct.ref_batch": {"grid": [1, "all"]},
-    }
+    search: dict[str, Any] = (
+        {"seed": {"grid": seeds}}
+        if seeds
+        else {
+            "network.model_channels": {"grid": [8, 16]},
+            "sct.ref_batch": {"grid": [1, "all"]},
+        }
+    )
     return {
         "name": name,
         "base": {
@@ -102,6 +106,7 @@ def test_sweep_end_to_end(tmp_path: Path, cli_env: dict[str, str], pretrain_cach
     assert len(list(pretrain_cache.glob("*.pt"))) >= 2
     pre = Counter(c.data.tags["sct.pretrain_checkpoint"] for c in children)
     assert sorted(pre.values()) == [2, 2]
+    assert all(c.data.params["pretrain.checkpoint"] == c.data.tags["sct.pretrain_checkpoint"] for c in children)
 
     status = subprocess.run([sct_sweep(), "status", "e2e"], env=cli_env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and status.stdout.count("TERMINATED") == 4, status.stdout + status.stderr

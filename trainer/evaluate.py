@@ -67,6 +67,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
         r, col = divmod(i, nrow)
         grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = x[i]
     img = grid.permute(1, 2, 0).numpy()
+    scale = max(1, 320 // img.shape[1])  # nearest-neighbour upscale so 8x8 digits are visible
+    img = img.repeat(scale, axis=0).repeat(scale, axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     plt.imsave(path, img[..., 0] if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
     return path
