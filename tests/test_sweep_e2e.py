@@ -71,7 +71,9 @@ def test_sweep_end_to_end(tmp_path: Path, cli_env: dict[str, str], pretrain_cach
     parents = client.search_runs([exp.experiment_id], "tags.`sct.role` = 'parent'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert "spec.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    parent_files = [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert "spec.yaml" in parent_files
+    assert "report" in parent_files and (project / "reports" / "e2e" / "index.html").is_file(), done.stdout
     spec_text = Path(client.download_artifacts(parent.info.run_id, "spec.yaml", str(tmp_path))).read_text()
     assert yaml.safe_load(spec_text)["search"]["sct.ref_batch"] == {"grid": [1, "all"]}
     assert parent.data.params["trials"] == "4" and parent.data.tags["sct.sweep"] == "e2e"
