@@ -36,3 +36,29 @@ report: install
 
 lint: install
 	$(VENV)/bin/ruff check sct_sweeps trainer dashboards tests bench
+
+# Paper-reproduction targets (scripts/reproduce.sh; experiments/*.yaml). DRY_RUN=1 prints the plan
+# and runs nothing; QUICK=1 runs the <= 20-minute version of a Fashion-MNIST target. The GPU targets
+# stop at once with a one-line reason without a CUDA GPU, the data (DATA_ROOT=...) or the Inception
+# weights (INCEPTION_WEIGHTS=...).
+REPRODUCE := bash scripts/reproduce.sh
+.PHONY: reproduce-digits reproduce-fmnist-ect-vs-sct reproduce-fmnist-scaling \
+        reproduce-cifar10-ect reproduce-cifar10-sct reproduce-imagenet64-sct
+
+reproduce-digits: install
+	$(REPRODUCE) digits
+
+reproduce-fmnist-ect-vs-sct: install
+	$(REPRODUCE) fmnist-ect-vs-sct
+
+reproduce-fmnist-scaling: install
+	$(REPRODUCE) fmnist-scaling
+
+reproduce-cifar10-ect: install
+	$(REPRODUCE) cifar10-ect
+
+reproduce-cifar10-sct: install
+	$(REPRODUCE) cifar10-sct
+
+reproduce-imagenet64-sct: install
+	$(REPRODUCE) imagenet64-sct

@@ -252,18 +252,10 @@ def absolute_paths(cfg: TrainConfig, relative_to: Path | None = None) -> TrainCo
 
 def data_root(cfg: TrainConfig) -> Path | None:
     """The directory the trainer will read `cfg.data` from (None for the bundled digits)."""
-    from trainer import data  # the trainer owns the default locations and their env variables
+    from trainer.data import resolve_root  # the trainer owns the default locations and their env variables
 
-    if cfg.data.name == "digits":
-        return None
-    if cfg.data.name == "folder":
-        return cfg.data.root
-    finder = {
-        "fashion_mnist": data._fmnist_root,
-        "cifar10": data._cifar_root,
-        "imagenet64": data._imagenet_root,
-    }
-    return Path(finder[cfg.data.name](cfg.data)).resolve()
+    root = resolve_root(cfg.data)
+    return Path(root).resolve() if root is not None and cfg.data.name != "folder" else root
 
 
 def check_files(cfg: TrainConfig, where: str = "base") -> None:

@@ -206,6 +206,16 @@ class TrialTracker:
         self.run_id = run.info.run_id
         self._connected = True
 
+    def peek(self) -> Any | None:
+        """The trial's existing run, read only (None when it has none or the store does not answer)."""
+        try:
+            if self._client is None:
+                self._client = client(self.uri)
+            run_id = self.run_id or self._find_run()
+            return self._client.get_run(run_id) if run_id else None
+        except Exception:
+            return None
+
     def start(self) -> str | None:
         """Find or create the run now if the store answers; the run id (None while unreachable)."""
         self.flush(force=True)

@@ -94,6 +94,15 @@ def _restore_dir(workdir: Path) -> tuple[Path | None, dict[str, Any]]:
     return path, (json.loads(run_file.read_text()) if run_file.is_file() else {})
 
 
+def _final_checkpoint(trial_dir: Path, iterations: int) -> Path | None:
+    """The trial's checkpoint (in the results storage) written at its last iteration, if Ray persisted one."""
+    for ckpt in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
+        run_file = ckpt / RUN_FILE
+        if run_file.is_file() and json.loads(run_file.read_text()).get("step") == iterations:
+            return ckpt
+    return None
+
+
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     """Ray Tune function trainable: train one TrainConfig, logging to its one MLflow child run."""
     import ray
@@ -127,6 +136,14 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         lost_dir=Path(ctx.results_dir) / "mlflow_lost",
         run_id=meta.get("run_id"),
     )
+    done = tracker.peek()
+    if done is not None and done.info.status == "FINISHED" and done.data.metrics.get("iteration") == cfg.iterations:
+        # It finished, but the driver died before Ray recorded that: hand Ray the result, train nothing.
+        log.info("trial %s already finished in MLflow run %s", trial_id, done.info.run_id)
+        final = _final_checkpoint(Path(ctx.results_dir) / trial_id, cfg.iterations)
+        result = {**done.data.metrics, "iteration": cfg.iterations, "node_id": node_id}
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(final)) if final else None)
+        return
     tracker.start()
     tracker.set_tag("sct.node_id", node_id)  # the node of the latest attempt
     try:

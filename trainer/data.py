@@ -84,6 +84,14 @@ def dataset_std(ds: ImageDataset) -> float:
     return float(ds.images.double().std().item())
 
 
+def resolve_root(cfg: DataConfig) -> Path | None:
+    """The directory dataset `cfg.name` is read from (None for digits, which ships with scikit-learn)."""
+    roots = {"fashion_mnist": _fmnist_root, "cifar10": _cifar_root, "imagenet64": _imagenet_root}
+    if cfg.name in roots:
+        return roots[cfg.name](cfg)
+    return cfg.root if cfg.name == "folder" else None
+
+
 def load_dataset(cfg: DataConfig, split: Split = "train") -> ImageDataset:
     """Load dataset `cfg.name` (split train/test/all) as tensors in [-1, 1] on the CPU."""
     if split not in ("train", "test", "all"):
