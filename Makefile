@@ -25,8 +25,13 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# A second `make sweep` resumes the same sweep (finished trials are not rerun) and rebuilds its report.
+SWEEP_NAME ?= $(notdir $(basename $(SWEEP)))
 sweep: install
-	$(VENV)/bin/sct-sweep run $(SWEEP)
+	@if [ -f ray_results/$(SWEEP_NAME)/sct_sweep.json ]; then \
+	  echo "sweep $(SWEEP_NAME) exists: resuming it (a new one: make sweep SWEEP_NAME=other)"; \
+	  $(VENV)/bin/sct-sweep resume $(SWEEP_NAME); \
+	else $(VENV)/bin/sct-sweep run $(SWEEP) --name $(SWEEP_NAME); fi
 
 ui: install
 	$(VENV)/bin/sct-sweep ui
