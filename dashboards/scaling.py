@@ -236,9 +236,10 @@ def points_by_trial(history: pd.DataFrame, x: str, fid_col: str) -> dict[str, tu
             cost = pd.Series(_cumulative_at(g["step"], g.loc[known, "step"], g.loc[known, x]), index=g.index)
         ev = g[fid_col].notna()
         usable = ev & np.isfinite(g[fid_col].where(ev, 0.0)) & (g[fid_col] > 0) & np.isfinite(cost) & (cost > 0)
-        if (ev & ~usable).any():  # a diverged trial (inf FID) or a zero-cost step cannot sit on a log axis
+        before_training = ev & (cost == 0)  # the evaluation at step 0: zero compute, off a log axis by design
+        if (ev & ~usable & ~before_training).any():  # a diverged trial (inf FID) cannot sit on a log axis
             log.warning("trial %s: %d %s evaluations skipped (non-finite or non-positive)", tid,
-                        int((ev & ~usable).sum()), fid_col)
+                        int((ev & ~usable & ~before_training).sum()), fid_col)
         ev = usable
         if ev.any():
             out[str(tid)] = (cost[ev].to_numpy(float), g.loc[ev, fid_col].to_numpy(float))
