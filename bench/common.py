@@ -1,18 +1,24 @@
-"""Shared by the benchmarks: one training step built the way trainer/train.py builds it, and its timing.
+"""Shared by the benchmarks: one training step built the way trainer/train.py builds it, its timing,
+interleaved paired timing for ratios on a shared machine, and the measurement conditions.
 
 Scripts in bench/ import this as `common` (they run as `python bench/<script>.py`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset
+from trainer.ema import Ema
 from trainer.loss import consistency_loss, edm_loss
 from trainer.precond import ConsistencyModel
 from trainer.runtime import autocast
@@ -29,11 +35,13 @@ def make_step(
     opt: torch.optim.Optimizer,
     batch: int,
     iteration: int = 0,
+    ema: Ema | None = None,
 ) -> Callable[[], torch.Tensor]:
     """One optimiser step of `method` (edm | ect | sct | ict) as in train.py's `step`; returns the detached loss.
 
     `ref` is SCT's reference-set size. Runs on the device of `data.images` under `cfg.precision`
     autocast, with train.py's non-finite-gradient zeroing; the stage is that of `iteration`.
+    With `ema`, the EMA update that follows every step in train.py's loop is part of the step.
     """
     device = data.images.device
     tuning = method != "edm"
@@ -57,6 +65,8 @@ def make_step(
             if p.grad is not None:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
         opt.step()
+        if ema is not None:
+            ema.update(model, iteration)
         return out.loss.detach()
 
     return step
@@ -100,3 +110,95 @@ def time_call(
         per_call.append((time.perf_counter() - t0) / k)
     med = statistics.median(per_call)
     return {"s": med, "spread": (max(per_call) - min(per_call)) / med if med > 0 else 0.0, "calls": k * blocks}
+
+
+# -- paired, interleaved timing (ratios on a machine shared with other jobs) ----------------------
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int,
+    block_s: float = 0.5,
+    device: torch.device | None = None,
+    max_calls: int = 200,
+) -> dict[str, list[float]]:
+    """Seconds per call of every fn, one value per round: in each round every fn runs one timed block
+    (about `block_s` seconds of calls) back to back with the others, in an order rotated each round.
+
+    Load from other jobs then hits all fns of a round alike, so per-round ratios cancel it. Each fn
+    is called twice untimed first (warm-up, block sizing).
+    """
+    device = device or torch.device("cpu")
+    names = list(fns)
+    calls = {}
+    for name in names:
+        fns[name]()
+        synchronize(device)
+        t0 = time.perf_counter()
+        fns[name]()
+        synchronize(device)
+        calls[name] = max(1, min(max_calls, round(block_s / max(time.perf_counter() - t0, 1e-6))))
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn, k = fns[name], calls[name]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            synchronize(device)
+            out[name].append((time.perf_counter() - t0) / k)
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    """The median of `xs`."""
+    return statistics.median(xs)
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max) over rounds of num[i] / den[i]: the ratio of two fns timed in the same rounds."""
+    r = [a / b for a, b in zip(num, den, strict=True)]
+    return statistics.median(r), min(r), max(r)
+
+
+# -- measurement conditions --------------------------------------------------------------------------
+
+
+def set_threads(n: int | None) -> int:
+    """Use `n` torch intra-op threads (None: leave torch's choice); returns the number in use."""
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, e.g. `4.50 6.31 6.08`."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def conditions(threads: int | None = None) -> dict[str, str]:
+    """What a figure depends on: date, command, load, cores, threads, versions."""
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(sys.argv),
+        "load": load_average(),
+        "cores": str(os.cpu_count()),
+        "torch threads": str(threads if threads is not None else torch.get_num_threads()),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def print_conditions(info: Mapping[str, str], label: str = "before") -> None:
+    """Print the conditions as `# key: value` lines (the load twice: before and after a run)."""
+    for k, v in info.items():
+        print(f"# {k if k != 'load' else f'load ({label})'}: {v}")
+
+
+def table(rows: Sequence[Mapping[str, object]], cols: Sequence[str] | None = None) -> str:
+    """Rows as a Markdown table (values printed as given)."""
+    cols = list(cols or rows[0].keys())
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

@@ -88,8 +88,13 @@ run_sweep() {
     echo "DRY_RUN: would run: $SCT_SWEEP run $spec && $SCT_SWEEP report $name"
     return 0
   fi
-  echo "== $SCT_SWEEP run $spec"
-  "$SCT_SWEEP" run "$spec" --no-report
+  if [[ -f "${SCT_PROJECT_DIR:-.}/ray_results/$name/sct_sweep.json" ]]; then
+    echo "== sweep $name exists: resuming it (finished trials are kept; remove ray_results/$name to start over)"
+    "$SCT_SWEEP" resume "$name" --no-report
+  else
+    echo "== $SCT_SWEEP run $spec"
+    "$SCT_SWEEP" run "$spec" --no-report
+  fi
   "$SCT_SWEEP" report "$name"
 }
 

@@ -92,6 +92,32 @@ def reconcile_runs(record: SweepRecord) -> dict[str, str]:
     return fixed
 
 
+def retire_orphans(record: SweepRecord) -> list[str]:
+    """Child runs of trials missing from Ray's saved experiment state, ended, tagged and deleted.
+
+    Ray snapshots its state every few seconds: a trial started after the last snapshot of a driver
+    that then died is unknown to `Tuner.restore`, which runs its configuration again as a new trial.
+    Its run would be a second, partial run of that configuration; it goes to MLflow's trash
+    (`mlflow runs restore` brings it back) with tag ``sct.orphaned`` saying why.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    known = {t.trial_id for t in ExperimentAnalysis(record.results_dir).trials}
+    client = tracking.client(record.tracking_uri)
+    filt = f"tags.`{tracking.PARENT}` = '{record.parent_run_id}' and tags.`{tracking.ROLE}` = 'trial'"
+    retired = []
+    for run in client.search_runs([record.experiment_id], filter_string=filt, max_results=10000):
+        if run.data.tags.get(tracking.TRIAL_ID) in known:
+            continue
+        why = "its trial was started after Ray's last state snapshot of a driver that died; rerun as a new trial"
+        client.set_tag(run.info.run_id, "sct.orphaned", why)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+        client.delete_run(run.info.run_id)
+        retired.append(run.info.run_id)
+    return retired
+
+
 # -- sweeps ------------------------------------------------------------------------------------
 
 
@@ -287,6 +313,9 @@ def resume_sweep(
         pretrain_all(spec, Path(record.pretrain_cache), resources, on_pretrain)
         pretrain_s = time.perf_counter() - t_pre
         if tune.Tuner.can_restore(record.results_dir):
+            orphans = retire_orphans(record)
+            if orphans:
+                log.warning("deleted %d MLflow runs of trials Ray lost with the driver: %s", len(orphans), orphans)
             tuner = tune.Tuner.restore(
                 record.results_dir,
                 trainable=_trainable(record, spec, resources),

@@ -37,6 +37,16 @@ def _best(trial: Any, metric: str, mode: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
+def _last_error(trial: Any) -> str:
+    """Last line of the trial's error file in the results storage (`trial.error_file` needs a running Ray)."""
+    name = trial.run_metadata.error_filename
+    path = Path(trial.path, name) if name and trial.path else None
+    if path is None or not path.is_file():
+        return ""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return lines[-1][:80] if lines else ""
+
+
 def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[str, ...]]]:
     """(metric, rows of trial id, state, node, iteration, best metric so far, last error line)."""
     record = load_record(name, storage)
@@ -50,10 +60,7 @@ def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[
         node = str(last.get("node_id", ""))[:12] or str(last.get("node_ip", "") or "-")
         best = _best(t, spec.metric, spec.mode)
         it = last.get("iteration")
-        error = ""
-        if t.status == "ERROR" and t.error_file and Path(t.error_file).is_file():
-            lines = [ln for ln in Path(t.error_file).read_text().splitlines() if ln.strip()]
-            error = lines[-1][:80] if lines else ""
+        error = _last_error(t) if t.status == "ERROR" else ""
         rows.append(
             (
                 t.trial_id,

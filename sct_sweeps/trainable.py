@@ -80,18 +80,53 @@ class TuneReporter:
         self.tracker.log_artifact(Path(path), "samples" if Path(path).suffix == ".png" else None)
 
 
-def _restore_dir(workdir: Path) -> tuple[Path | None, dict[str, Any]]:
-    """The trial's last Ray checkpoint copied to a local directory, and what it says (run id, step)."""
+def _older_checkpoints(ckpt: Any) -> list[Any]:
+    """The trial's checkpoints in storage older than `ckpt`, newest first (Ray keeps `num_to_keep`)."""
+    from pyarrow import fs
     from ray import tune
 
-    ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        return None, {}
-    dest = workdir / "resume"
+    parent, _, name = ckpt.path.rstrip("/").rpartition("/")
+    try:
+        infos = ckpt.filesystem.get_file_info(fs.FileSelector(parent))
+    except OSError:
+        return []
+    older = [i for i in infos if i.type == fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    older = sorted((i for i in older if i.base_name < name), key=lambda i: i.base_name, reverse=True)
+    return [tune.Checkpoint(i.path, filesystem=ckpt.filesystem) for i in older]
+
+
+def _copy_checkpoint(ckpt: Any, dest: Path) -> tuple[Path, dict[str, Any]]:
+    """Ray checkpoint `ckpt` copied to local directory `dest`, and what it says (run id, step)."""
     shutil.rmtree(dest, ignore_errors=True)
     path = Path(ckpt.to_directory(str(dest)))
     run_file = path / RUN_FILE
     return path, (json.loads(run_file.read_text()) if run_file.is_file() else {})
+
+
+def _restore_dir(workdir: Path) -> tuple[Path | None, dict[str, Any], str | None]:
+    """The trial's last good Ray checkpoint as a local directory, what it says, and why newer ones were
+    skipped: a truncated or corrupt `state.pt` falls back to the previous checkpoint."""
+    from ray import tune
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.errors import CheckpointError
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None, {}, None
+    skipped: list[str] = []
+    for candidate in [ckpt, *_older_checkpoints(ckpt)]:
+        path, meta = _copy_checkpoint(candidate, workdir / "resume")
+        try:
+            load_checkpoint(path / "state.pt")
+        except CheckpointError as e:
+            reason = str(e).removeprefix(f"{path / 'state.pt'}: ")
+            log.warning("trial checkpoint %s unusable (%s); trying the previous one", candidate.path, reason)
+            skipped.append(f"{candidate.path}: {reason}")
+            continue
+        return path, meta, "; ".join(skipped) or None
+    # None usable: hand the trainer Ray's own choice, so the trial fails with the CheckpointError naming it.
+    return *_copy_checkpoint(ckpt, workdir / "resume"), "; ".join(skipped)
 
 
 def _final_checkpoint(trial_dir: Path, iterations: int) -> Path | None:
@@ -119,7 +154,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     swept = swept_values(spec, config)
     cfg = override(trial_config(spec, config), {"out_dir": workdir / "out"})
     node_id = ray.get_runtime_context().get_node_id()
-    resume_from, meta = _restore_dir(workdir)
+    resume_from, meta, skipped = _restore_dir(workdir)
     cache = Path(ctx.pretrain_cache)
     planned = override(cfg, {"pretrain.checkpoint": cache_path(cfg, cache)}) if needs_pretrain(cfg) else cfg
     tags = {f"sct.axis.{p}": str(v) for p, v in swept.items()}
@@ -153,6 +188,8 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         if resume_from is not None:
             log.info("trial %s resumes from %s", trial_id, resume_from)
             tracker.set_tag("sct.resumed_from", str(meta.get("step", "?")))
+            if skipped:
+                tracker.set_tag("sct.skipped_checkpoints", skipped)
         train(cfg, reporter=TuneReporter(tracker, node_id), resume_from=resume_from)
     except SystemExit:  # Ray stopped the trial (scheduler decision or sweep end) inside tune.report
         tracker.set_tag("sct.stopped", "by scheduler")

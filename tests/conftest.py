@@ -23,8 +23,10 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
+from collections import Counter  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -207,3 +209,61 @@ def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
         yield server
     finally:
         server.stop()
+
+
+# -- sweep helpers shared by the sweep tests ---------------------------------------------------
+
+
+def tiny_spec(name: str, pretrain_cache: Path, seeds: list[int] | None = None, iterations: int = 20) -> dict:
+    """A sweep of tiny SCT runs on digits (seconds per trial); the phase one is shared through the cache."""
+    search: dict[str, Any] = (
+        {"seed": {"grid": seeds}}
+        if seeds
+        else {
+            "network.model_channels": {"grid": [8, 16]},
+            "sct.ref_batch": {"grid": [1, "all"]},
+        }
+    )
+    return {
+        "name": name,
+        "base": {
+            "method": "sct",
+            "iterations": iterations,
+            "log_every": 5,
+            "checkpoint_every": 10,
+            "data": {"name": "digits"},
+            "network": {"model_channels": 8, "channel_mult": [1], "num_blocks": 1},
+            "pretrain": {"iterations": 20, "batch_size": 64},
+            "optim": {"batch_size": 64},
+            "ema": {"beta": 0.9},
+            "eval": {"every": 10, "fid_samples": 200, "batch_size": 200},
+        },
+        "search": search,
+        "resources": {"cpu": 1},
+        "pretrain_cache": str(pretrain_cache),
+    }
+
+
+def assert_no_duplicate_steps(client: Any, run: Any) -> None:
+    """Every metric of `run` has each step at most once."""
+    for key in run.data.metrics:
+        steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, key))
+        dup = {s: n for s, n in steps.items() if n > 1}
+        assert not dup, (run.info.run_name, key, dup)
+
+
+def child_runs(uri: str, sweep: str) -> list:
+    """The trial runs (MLflow children) of sweep `sweep` in store `uri`."""
+    from sct_sweeps import tracking
+
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name(sweep)
+    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`sct.role` = 'trial'")
+
+
+def one_error_line(result: Any) -> str:
+    """The single `error: ...` line a CliRunner result printed on stderr, with exit code 2."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, free_port, processes_under
+from conftest import REPO, free_port, one_error_line, processes_under
 from typer.testing import CliRunner
 
 from sct_sweeps.cli import app
@@ -22,13 +22,6 @@ COMMANDS = ["run", "resume", "status", "validate", "sample", "ui", "export", "re
 
 def invoke(*args: str) -> object:
     return CliRunner().invoke(app, list(args))
-
-
-def one_error_line(result: object) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def write_spec(tmp_path: Path, **changes: object) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MlflowServer, free_port, kill_pids, processes_under, sct_sweep, stop_pid
+from conftest import MlflowServer, free_port, kill_pids, processes_under, sct_sweep, stop_pid, tiny_spec
 
 from sct_sweeps import tracking
 
@@ -90,8 +90,6 @@ def test_trial_logging_survives_a_server_outage(
 def test_sweep_against_mlflow_server(
     mlflow_server: MlflowServer, tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path
 ) -> None:
-    from test_sweep_e2e import tiny_spec
-
     spec = tmp_path / "served.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec("served", pretrain_cache, seeds=[0, 1])))
     done = subprocess.run(

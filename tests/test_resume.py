@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import processes_under, sct_sweep
+from conftest import assert_no_duplicate_steps, child_runs, processes_under, sct_sweep, tiny_spec
 
 from sct_sweeps import tracking
 
@@ -49,18 +49,10 @@ def test_tracker_reattaches_to_its_run_without_duplicate_steps(sqlite_uri: str, 
     assert len(runs) == 1
 
 
-def _child_runs(uri: str, sweep: str) -> list:
-    client = tracking.client(uri)
-    exp = client.get_experiment_by_name(sweep)
-    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`sct.role` = 'trial'")
-
-
 @pytest.mark.slow
 def test_sigkilled_driver_resumes_without_rerunning_finished_trials(
     tmp_path: Path, cli_env: dict[str, str], ray_tmp: Path, pretrain_cache: Path
 ) -> None:
-    from test_sweep_e2e import assert_no_duplicate_steps, tiny_spec
-
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     raw = tiny_spec("killed", pretrain_cache, seeds=[0, 1, 2, 3], iterations=60)
     raw["max_concurrent_trials"] = 1  # one trial at a time: the kill lands between "finished" and "not yet"
@@ -78,7 +70,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(
             if not record.exists():  # the driver creates the SQLite store first: do not race its migration
                 time.sleep(1)
                 continue
-            runs = _child_runs(uri, "killed")
+            runs = child_runs(uri, "killed")
             finished = {r.info.run_id: (r.data.tags["sct.trial_id"], r.info.end_time)
                         for r in runs if r.info.status == "FINISHED"}  # fmt: skip
             # Mid-trial, past two checkpoints (10, 20: Ray then snapshots its state, so it knows them).
@@ -108,7 +100,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    runs = _child_runs(uri, "killed")
+    runs = child_runs(uri, "killed")
     per_trial = Counter(r.data.tags["sct.trial_id"] for r in runs)
     assert len(per_trial) == 4 and set(per_trial.values()) == {1}, per_trial  # one run per trial
     client = tracking.client(uri)

@@ -5,51 +5,12 @@ from __future__ import annotations
 import subprocess
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from conftest import sct_sweep
+from conftest import assert_no_duplicate_steps, sct_sweep, tiny_spec
 
 from sct_sweeps import tracking
-
-
-def tiny_spec(name: str, pretrain_cache: Path, seeds: list[int] | None = None, iterations: int = 20) -> dict:
-    """A sweep of tiny SCT runs on digits (seconds per trial); the phase one is shared through the cache."""
-    search: dict[str, Any] = (
-        {"seed": {"grid": seeds}}
-        if seeds
-        else {
-            "network.model_channels": {"grid": [8, 16]},
-            "sct.ref_batch": {"grid": [1, "all"]},
-        }
-    )
-    return {
-        "name": name,
-        "base": {
-            "method": "sct",
-            "iterations": iterations,
-            "log_every": 5,
-            "checkpoint_every": 10,
-            "data": {"name": "digits"},
-            "network": {"model_channels": 8, "channel_mult": [1], "num_blocks": 1},
-            "pretrain": {"iterations": 20, "batch_size": 64},
-            "optim": {"batch_size": 64},
-            "ema": {"beta": 0.9},
-            "eval": {"every": 10, "fid_samples": 200, "batch_size": 200},
-        },
-        "search": search,
-        "resources": {"cpu": 1},
-        "pretrain_cache": str(pretrain_cache),
-    }
-
-
-def assert_no_duplicate_steps(client: Any, run: Any) -> None:
-    """Every metric of `run` has each step at most once."""
-    for key in run.data.metrics:
-        steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, key))
-        dup = {s: n for s, n in steps.items() if n > 1}
-        assert not dup, (run.info.run_name, key, dup)
 
 
 @pytest.mark.slow

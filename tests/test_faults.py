@@ -1,0 +1,211 @@
+"""Faults a sweep survives: a trial that raises (NaN loss), a SIGKILLed trial worker, a corrupt checkpoint.
+
+One sweep carries all three (each sweep costs a Ray start and worker start-ups): trial `lr=1e30`
+diverges on every attempt; trial `lr=1e-3` has its worker SIGKILLed mid-run right after its newest
+checkpoint was truncated, so Ray restarts it and the trial falls back to the previous good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import assert_no_duplicate_steps, child_runs, processes_under, sct_sweep, tiny_spec
+
+from sct_sweeps import tracking
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.errors import CheckpointError
+
+ITERATIONS = 60  # evaluations (and checkpoints) every 10: the kill lands between two of them
+
+
+def trial_worker(ray_tmp: Path, trial_id: str) -> int | None:
+    """PID of the Ray worker running trial `trial_id` (Ray moves its cwd to `.../working_dirs/<trial_id>`)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if cwd.startswith(str(ray_tmp)) and cwd.endswith(f"/{trial_id}") and title.startswith(b"ray::"):
+            return int(entry.name)
+    return None
+
+
+def listening_addresses(pids: list[int]) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) of the TCP sockets `pids` listen on."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                found.add(cols[1].rsplit(":", 1)[0])
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def _steps(client: object, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def _kill_after_truncating_newest_checkpoint(
+    client: object, run: object, results: Path, ray_tmp: Path
+) -> tuple[int, int]:
+    """Freeze the trial's worker where Ray has registered its newest checkpoint, truncate that checkpoint,
+    SIGKILL the worker. Returns (step of the truncated checkpoint, step of the previous one)."""
+    trial_id = run.data.tags["sct.trial_id"]
+    pid = trial_worker(ray_tmp, trial_id)
+    assert pid is not None, f"no worker process for trial {trial_id}"
+    os.kill(pid, signal.SIGSTOP)
+    # FID at step F is logged just before checkpoint F is handed to Ray; loss at F + 5 only after Ray
+    # took it (reports are synchronous). So with the worker frozen at loss >= F + 5, checkpoint F is
+    # Ray's newest one and no later one exists.
+    try:
+        fid, loss = max(_steps(client, run.info.run_id, "fid_1step")), max(_steps(client, run.info.run_id, "loss"))
+    except Exception:  # e.g. frozen in the middle of an SQLite write: try again a moment later
+        fid = loss = -1
+    if fid < 10 or loss < fid + 5 or fid >= ITERATIONS - 10:
+        os.kill(pid, signal.SIGCONT)
+        return -1, -1
+    by_step = {}
+    for d in (results / trial_id).glob("checkpoint_*"):
+        meta = d / "sct_run.json"
+        if meta.is_file():
+            by_step[json.loads(meta.read_text())["step"]] = d
+    assert fid in by_step and fid - 10 in by_step, (fid, sorted(by_step))
+    state = by_step[fid] / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    # Security on the way: every socket the embedded Ray listens on is on loopback.
+    addrs = listening_addresses(processes_under(str(ray_tmp)) + [pid])
+    assert addrs and addrs <= LOOPBACK, addrs
+    os.kill(pid, signal.SIGKILL)
+    return fid, fid - 10
+
+
+@pytest.mark.slow
+def test_trial_faults_do_not_stop_the_sweep(
+    tmp_path: Path, cli_env: dict[str, str], ray_tmp: Path, pretrain_cache: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    raw = tiny_spec("faults", pretrain_cache, iterations=ITERATIONS)
+    raw["base"]["optim"] = {"batch_size": 64, "name": "adam"}
+    raw["search"] = {"optim.lr": {"grid": [1e-3, 1e30]}}  # 1e30: the loss is NaN within 5 iterations
+    raw["max_failures"] = 1
+    spec = tmp_path / "faults.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    results = Path(cli_env["SCT_PROJECT_DIR"]) / "ray_results" / "faults"
+    log = open(tmp_path / "driver.log", "wb")
+    cmd = [sct_sweep(), "run", str(spec), "--tracking-uri", uri, "--num-cpus", "2", "--no-report"]
+    driver = subprocess.Popen(cmd, env=cli_env, stdout=log, stderr=subprocess.STDOUT)
+    client = tracking.client(uri)
+    try:
+        deadline, killed = time.time() + 300, (-1, -1)
+        while time.time() < deadline and driver.poll() is None and killed[0] < 0:
+            if not (results / "sct_sweep.json").exists():  # the driver creates the store first
+                time.sleep(1)
+                continue
+            good = [r for r in child_runs(uri, "faults") if float(r.data.tags["sct.axis.optim.lr"]) == 1e-3]
+            if good and good[0].info.status == "RUNNING" and good[0].data.metrics.get("iteration", 0) >= 15:
+                killed = _kill_after_truncating_newest_checkpoint(client, good[0], results, ray_tmp)
+            time.sleep(0.1)
+        assert killed[0] > 0, "the trial was never caught mid-run:\n" + (tmp_path / "driver.log").read_text()[-3000:]
+        driver.wait(timeout=400)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        log.close()
+    out = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 0, out[-3000:]  # one failed trial of two: the sweep still reports
+    assert "sweep faults: 2 trials, 1 failed" in out and "sct-sweep status faults" in out, out[-3000:]
+
+    runs = child_runs(uri, "faults")
+    assert len(runs) == 2, [r.info.run_name for r in runs]  # retries and restarts reuse their run
+    good = next(r for r in runs if float(r.data.tags["sct.axis.optim.lr"]) == 1e-3)
+    bad = next(r for r in runs if float(r.data.tags["sct.axis.optim.lr"]) == 1e30)
+
+    # The killed trial: restarted by Ray, past the truncated checkpoint, in the same MLflow run.
+    assert good.info.status == "FINISHED", good.data.tags.get("sct.error")
+    assert good.data.tags["sct.attempts"] == "2"
+    assert good.data.tags["sct.resumed_from"] == str(killed[1])  # the previous good checkpoint
+    assert "checksum mismatch" in good.data.tags["sct.skipped_checkpoints"]
+    assert _steps(client, good.info.run_id, "fid_1step") == list(range(0, ITERATIONS + 10, 10))
+    assert_no_duplicate_steps(client, good)
+
+    # The diverging trial: retried max_failures times, then FAILED with the reason, never a NaN curve.
+    assert bad.info.status == "FAILED"
+    assert bad.data.tags["sct.attempts"] == "2"
+    error = bad.data.tags["sct.error"]
+    assert error.startswith("DivergenceError: sct loss became") and "lower optim.lr" in error, error
+    assert all(math.isfinite(m.value) for m in client.get_metric_history(bad.info.run_id, "loss"))
+    details = Path(client.download_artifacts(bad.info.run_id, "error.txt", str(tmp_path))).read_text()
+    assert "Traceback" in details and "DivergenceError" in details
+    parent = client.get_run(bad.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["sct.failed_trials"] == "1"
+
+    from ray.tune import ExperimentAnalysis
+
+    trials = {t.trial_id: t for t in ExperimentAnalysis(str(results)).trials}
+    ray_good, ray_bad = trials[good.data.tags["sct.trial_id"]], trials[bad.data.tags["sct.trial_id"]]
+    assert (ray_good.status, ray_good.num_failures) == ("TERMINATED", 1)
+    assert (ray_bad.status, ray_bad.num_failures) == ("ERROR", 2)  # first try + max_failures retries
+
+    from sct_sweeps.status import trial_rows
+
+    rows = {row[0]: row for row in trial_rows("faults")[1]}
+    assert rows[ray_bad.trial_id][1] == "ERROR" and "DivergenceError" in rows[ray_bad.trial_id][5]
+
+
+def _tiny_cfg(tmp_path: Path) -> TrainConfig:
+    return TrainConfig.model_validate({
+        "method": "ect", "iterations": 10, "device": "cpu", "out_dir": str(tmp_path / "run"),
+        "network": {"model_channels": 8, "channel_mult": [1], "num_blocks": 1},
+        "pretrain": {"iterations": 0}, "optim": {"batch_size": 16},
+        "eval": {"at_start": False, "every": 100, "fid_samples": 32, "batch_size": 32},
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped-byte", "empty"])
+def test_trainer_refuses_a_damaged_resume_checkpoint(tmp_path: Path, damage: str) -> None:
+    from trainer.train import train
+
+    ckpt = tmp_path / "ckpt" / "it0000010"
+    state = save_checkpoint(ckpt / "state.pt", {"iteration": 10, "model": {}})
+    data = bytearray(state.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "flipped-byte":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = bytearray()
+    state.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:  # detected: never a silent restart from scratch
+        train(_tiny_cfg(tmp_path), resume_from=ckpt)
+    msg = str(info.value)
+    assert str(state) in msg and "\n" not in msg and "checksum mismatch" in msg
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained, nothing reported
+    if damage != "flipped-byte":  # without the sidecar, torch's own load error is caught and named too
+        state.with_name("state.pt.sha256").unlink()
+        with pytest.raises(CheckpointError, match=f"{state}: cannot load checkpoint"):
+            load_checkpoint(state)
