@@ -176,7 +176,7 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def conditions(threads: int | None = None) -> dict[str, str]:
+def conditions(threads: int | str | None = None) -> dict[str, str]:
     """What a figure depends on: date, command, load, cores, threads, versions."""
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -118,13 +118,13 @@ def test_trial_faults_do_not_stop_the_sweep(
     log = open(tmp_path / "driver.log", "wb")
     cmd = [sct_sweep(), "run", str(spec), "--tracking-uri", uri, "--num-cpus", "2", "--no-report"]
     driver = subprocess.Popen(cmd, env=cli_env, stdout=log, stderr=subprocess.STDOUT)
-    client = tracking.client(uri)
     try:
         deadline, killed = time.time() + 300, (-1, -1)
         while time.time() < deadline and driver.poll() is None and killed[0] < 0:
-            if not (results / "sct_sweep.json").exists():  # the driver creates the store first
+            if not (results / "sct_sweep.json").exists():  # the driver creates the store first: no race
                 time.sleep(1)
                 continue
+            client = tracking.client(uri)
             good = [r for r in child_runs(uri, "faults") if float(r.data.tags["sct.axis.optim.lr"]) == 1e-3]
             if good and good[0].info.status == "RUNNING" and good[0].data.metrics.get("iteration", 0) >= 15:
                 killed = _kill_after_truncating_newest_checkpoint(client, good[0], results, ray_tmp)
@@ -140,6 +140,7 @@ def test_trial_faults_do_not_stop_the_sweep(
     assert driver.returncode == 0, out[-3000:]  # one failed trial of two: the sweep still reports
     assert "sweep faults: 2 trials, 1 failed" in out and "sct-sweep status faults" in out, out[-3000:]
 
+    client = tracking.client(uri)
     runs = child_runs(uri, "faults")
     assert len(runs) == 2, [r.info.run_name for r in runs]  # retries and restarts reuse their run
     good = next(r for r in runs if float(r.data.tags["sct.axis.optim.lr"]) == 1e-3)
@@ -155,7 +156,7 @@ def test_trial_faults_do_not_stop_the_sweep(
 
     # The diverging trial: retried max_failures times, then FAILED with the reason, never a NaN curve.
     assert bad.info.status == "FAILED"
-    assert bad.data.tags["sct.attempts"] == "2"
+    assert bad.data.tags["sct.attempts"] == "2" and bad.data.tags["sct.resumed_from"] == "0"  # its checkpoint
     error = bad.data.tags["sct.error"]
     assert error.startswith("DivergenceError: sct loss became") and "lower optim.lr" in error, error
     assert all(math.isfinite(m.value) for m in client.get_metric_history(bad.info.run_id, "loss"))
@@ -175,6 +176,21 @@ def test_trial_faults_do_not_stop_the_sweep(
 
     rows = {row[0]: row for row in trial_rows("faults")[1]}
     assert rows[ray_bad.trial_id][1] == "ERROR" and "DivergenceError" in rows[ray_bad.trial_id][5]
+
+    # A run of a trial Ray never recorded (started after the last state snapshot of a driver that then
+    # died) is retired when the sweep resumes: Ray reruns that configuration as a new trial.
+    from mlflow.entities import ViewType
+
+    from sct_sweeps.record import load_record
+    from sct_sweeps.runner import retire_orphans
+
+    tags = {**{k: v for k, v in good.data.tags.items() if k != "mlflow.runName"}, "sct.trial_id": "lost_00009"}
+    lost = client.create_run(good.info.experiment_id, tags=tags, run_name="lost").info.run_id
+    assert retire_orphans(load_record("faults")) == [lost]
+    assert {r.info.run_id for r in child_runs(uri, "faults")} == {good.info.run_id, bad.info.run_id}
+    trash = client.search_runs([good.info.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+    assert [(r.info.run_id, r.info.status) for r in trash] == [(lost, "KILLED")]
+    assert "rerun as a new trial" in trash[0].data.tags["sct.orphaned"]
 
 
 def _tiny_cfg(tmp_path: Path) -> TrainConfig:

@@ -1,0 +1,195 @@
+"""Sweep overhead: an N-trial sweep of fixed work vs. the same trials back to back in one process.
+
+    python bench/sweep_overhead.py [--trials 8] [--iterations 150] [--channels 16] [--cpus 2]
+
+The trials are tiny digits SCT trials (no pretraining, fixed iterations, one evaluation at the end,
+seeds 0..N−1). The sweep is the real thing: `sct_sweeps.runner.run_sweep` (embedded Ray, MLflow
+SQLite store, checkpoints) in a private SCT_PROJECT_DIR / RAY_TMPDIR under /tmp, 1 CPU per trial,
+so `cpus` trials run at once and Ray sets OMP_NUM_THREADS=1 in each (torch threads × concurrent
+trials = cores). The baseline runs the same TrainConfigs with `trainer.train.train` in this process:
+with 1 torch thread (a trial's compute as the sweep gives it: the ideal sweep wall is their sum /
+cpus) and with `cpus` threads (running them by hand, one after another). Half of the baseline
+trials run before the sweep and half after it, so a drift of the machine's load cancels.
+
+Reported: Ray start-up and shutdown (timed alone first), per-trial set-up inside a trial (Ray's
+time_total_s minus the trainer's own loop and evaluation time), the gaps between trials (worker
+start, scheduling), and the goal ratio sweep wall / (Σ 1-thread trial time / cpus) ≤ 1.10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import conditions, load_average, median, print_conditions, table
+
+from trainer.config import TrainConfig
+
+
+def spec_dict(name: str, trials: int, iterations: int, channels: int) -> dict[str, Any]:
+    """The benchmark sweep: N seeds of a tiny digits SCT run, every trial the same work."""
+    return {
+        "name": name,
+        "base": {
+            "method": "sct", "iterations": iterations, "data": {"name": "digits"},
+            "network": {"model_channels": channels, "channel_mult": [1, 2], "num_blocks": 1},
+            "pretrain": {"iterations": 0}, "optim": {"batch_size": 64, "lr": 3e-4}, "sct": {"ref_batch": 512},
+            "eval": {"every": iterations, "fid_samples": 500, "at_start": False, "online": False,
+                     "save_grid": False},
+            "log_every": 10, "checkpoint_every": iterations,
+        },
+        "search": {"seed": {"grid": list(range(trials))}},
+        "algorithm": "grid", "metric": "fid_1step", "resources": {"cpu": 1, "gpu": 0},
+    }
+
+
+def private_project() -> Path:
+    """A throw-away project directory and Ray temp directory (short: Ray's socket paths are limited)."""
+    project = Path(tempfile.mkdtemp(prefix="sct-bench-", dir="/tmp"))
+    os.environ["SCT_PROJECT_DIR"] = str(project)
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rtb", dir="/tmp")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("RAY_ADDRESS", None)
+    return project
+
+
+def ray_startup(cpus: int) -> dict[str, float]:
+    """Seconds to start and to shut down the embedded Ray a sweep uses (measured alone)."""
+    from sct_sweeps.session import start_ray, stop_ray
+
+    t0 = time.perf_counter()
+    start_ray(None, cpus)
+    t1 = time.perf_counter()
+    stop_ray()
+    return {"start": t1 - t0, "stop": time.perf_counter() - t1}
+
+
+def run_trials_inline(cfgs: list[TrainConfig], threads: int, out: Path) -> list[dict[str, float]]:
+    """Train each config with trainer.train in this process at `threads` torch threads; per-trial times."""
+    from trainer.train import train
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for cfg in cfgs:
+            cfg = cfg.model_copy(update={"out_dir": out / f"t{threads}-s{cfg.seed}"})
+            t0 = time.perf_counter()
+            res = train(cfg)
+            total = time.perf_counter() - t0
+            rows.append({"total": total, "loop": res.metrics["wall_s"], "eval": res.metrics["eval_s"]})
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
+
+def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
+    """Run the sweep with the real runner; wall time, its parts and per-trial times from Ray's results."""
+    from ray.tune import ExperimentAnalysis
+
+    from sct_sweeps.config import parse_spec
+    from sct_sweeps.runner import run_sweep
+
+    spec = parse_spec(spec_raw, "bench")
+    t0 = time.perf_counter()
+    outcome = run_sweep(spec, None, None, cpus, progress=False)
+    wall = time.perf_counter() - t0
+    trials = []
+    for t in ExperimentAnalysis(outcome.record.results_dir).trials:
+        r = t.last_result or {}
+        trials.append({"total": float(r.get("time_total_s", 0.0)), "loop": float(r.get("wall_s", 0.0)),
+                       "eval": float(r.get("eval_s", 0.0)), "status": t.status})
+    return {"wall": wall, "pretrain": outcome.pretrain_s, "slots": outcome.slots, "errors": outcome.errors,
+            "trials": trials}
+
+
+def measure(trials: int, iterations: int, channels: int, cpus: int, baseline: bool = True,
+            name: str = "bench_overhead") -> dict[str, Any]:
+    """One sweep of `trials` trials, the inline baseline around it (if asked), Ray start-up; all times."""
+    from sct_sweeps.config import override, parse_spec
+
+    project = Path(os.environ["SCT_PROJECT_DIR"])
+    raw = spec_dict(name, trials, iterations, channels)
+    base = parse_spec(raw, "bench").base
+    cfgs = [override(base, {"seed": s}) for s in range(trials)]
+    res: dict[str, Any] = {"ray": ray_startup(cpus), "seq1": [], "seqn": []}
+    half = (trials + 1) // 2
+    for part in (cfgs[:half], None, cfgs[half:]):
+        if part is None:
+            res["sweep"] = run_sweep_timed(raw, cpus)
+        elif baseline:
+            for cfg in part:  # alternate thread counts trial by trial
+                res["seq1"] += run_trials_inline([cfg], 1, project / "inline")
+                res["seqn"] += run_trials_inline([cfg], cpus, project / "inline")
+    return res
+
+
+def report(res: dict[str, Any], cpus: int) -> None:
+    """Print the overhead table of one `measure` result."""
+    sw = res["sweep"]
+    n = len(sw["trials"])
+    ray = res["ray"]
+    ray_total = ray["start"] + ray["stop"]
+    sum_trial = sum(t["total"] for t in sw["trials"])
+    setup_in_trial = [t["total"] - t["loop"] - t["eval"] for t in sw["trials"]]
+    gaps = sw["wall"] - sw["pretrain"] - ray_total - sum_trial / sw["slots"]
+    rows = [
+        {"what": "sweep wall (run_sweep, end to end)", "s": f"{sw['wall']:.1f}"},
+        {"what": "  Ray start + shutdown (measured alone)", "s": f"{ray['start']:.1f} + {ray['stop']:.1f}"},
+        {"what": f"  Σ trial time (Ray time_total_s) / {sw['slots']} slots", "s": f"{sum_trial / sw['slots']:.1f}"},
+        {"what": "  per-trial set-up inside the trial (median)", "s": f"{median(setup_in_trial):.2f}"},
+        {"what": "  rest: worker start, scheduling, MLflow parent run, stragglers", "s": f"{gaps:.1f}"},
+    ]
+    if res["seq1"]:
+        s1 = sum(t["total"] for t in res["seq1"])
+        sn = sum(t["total"] for t in res["seqn"])
+        inline_setup = [t["total"] - t["loop"] - t["eval"] for t in res["seq1"]]
+        ideal = s1 / cpus
+        rows += [
+            {"what": "Σ trial time inline, 1 thread (back to back)", "s": f"{s1:.1f}"},
+            {"what": f"  ideal sweep wall = that / {cpus} cores", "s": f"{ideal:.1f}"},
+            {"what": "  per-trial set-up inline (median)", "s": f"{median(inline_setup):.2f}"},
+            {"what": f"Σ trial time inline, {cpus} threads (by hand, back to back)", "s": f"{sn:.1f}"},
+            {"what": "**sweep wall / ideal (goal ≤ 1.10)**", "s": f"**{sw['wall'] / ideal:.2f}**"},
+            {"what": "  without Ray start/shutdown", "s": f"{(sw['wall'] - ray_total) / ideal:.2f}"},
+            {"what": "  a sweep trial / the same trial inline at 1 thread (median)",
+             "s": f"{median([a['total'] / b['total'] for a, b in zip(sw['trials'], res['seq1'], strict=False)]):.2f}"},
+            {"what": f"sweep wall / by hand at {cpus} threads", "s": f"{sw['wall'] / sn:.2f}"},
+        ]
+    print(f"# {n} trials ({sw['errors']} failed), {sw['slots']} at a time, 1 CPU each")
+    print(table(rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--iterations", type=int, default=150, help="tuning iterations per trial")
+    ap.add_argument("--channels", type=int, default=16, help="network.model_channels (experiments' digits net)")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs given to Ray (= trials at once)")
+    ap.add_argument("--keep", action="store_true", help="keep the private project directory")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    project = private_project()
+    print_conditions(conditions(1))
+    print(f"# project {project}; digits, model_channels {args.channels}, 1 block, batch 64, "
+          f"{args.iterations} SCT iterations + one 500-sample 1- and 2-step FID per trial")
+    try:
+        res = measure(args.trials, args.iterations, args.channels, args.cpus)
+        report(res, args.cpus)
+    finally:
+        if not args.keep:
+            shutil.rmtree(project, ignore_errors=True)
+            shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+    print(f"# load (after): {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
