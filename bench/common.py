@@ -121,12 +121,15 @@ def interleaved(
     block_s: float = 0.5,
     device: torch.device | None = None,
     max_calls: int = 200,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds per call of every fn, one value per round: in each round every fn runs one timed block
     (about `block_s` seconds of calls) back to back with the others, in an order rotated each round.
 
     Load from other jobs then hits all fns of a round alike, so per-round ratios cancel it. Each fn
-    is called twice untimed first (warm-up, block sizing).
+    is called twice untimed first (warm-up, block sizing). `clock` = `time.thread_time` measures the
+    CPU time of this thread instead of wall time: with one torch thread it is the compute the fn
+    got, nearly blind to other jobs (time spent descheduled does not count).
     """
     device = device or torch.device("cpu")
     names = list(fns)
@@ -134,19 +137,19 @@ def interleaved(
     for name in names:
         fns[name]()
         synchronize(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fns[name]()
         synchronize(device)
-        calls[name] = max(1, min(max_calls, round(block_s / max(time.perf_counter() - t0, 1e-6))))
+        calls[name] = max(1, min(max_calls, round(block_s / max(clock() - t0, 1e-6))))
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             fn, k = fns[name], calls[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(k):
                 fn()
             synchronize(device)
-            out[name].append((time.perf_counter() - t0) / k)
+            out[name].append((clock() - t0) / k)
     return out
 
 

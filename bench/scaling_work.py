@@ -6,8 +6,13 @@ sweep wall time vs number of trials, and the FLOPs per step of larger networks (
                                  [--trials 2 4 8] [--iterations 100] [--png PATH]
 
 steps: every (batch, width, threads) cell is one fn of one interleaved timing (common.interleaved),
-so all cells share the machine's load; the slope of log(ms/step) vs log(batch) or log(width) is fitted
-by least squares over the cells, and `2-core speed-up` is the paired per-round ratio 1 thread / 2.
+so all cells share the machine's load. 1-thread cells are reported in CPU time of the calling thread
+(load-blind: time spent descheduled by other jobs does not count); the slope of log(ms/step) vs
+log(batch) or log(width) is fitted by least squares over them. The all-cores cells (wall time) and
+the `2-core speed-up` (paired per-round wall ratio 1 thread / all threads) are measured only when a
+quick probe finds all-thread steps no slower than 1.5x a 1-thread step: when other jobs hold the
+cores, every parallel region waits for a descheduled thread and the all-core figures measure the
+contention, not the code.
 sweeps: sweep_overhead's fixed-work sweep at each trial count (real runner, private project).
 flops: torch.utils.flop_counter FLOPs of one ECT step (2 forwards + 1 backward) at batch 128.
 """
@@ -18,6 +23,7 @@ import argparse
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,14 +73,48 @@ def with_threads(fn: Callable[[], object], n: int) -> Callable[[], object]:
     return run
 
 
+class CpuMeter:
+    """Wraps a fn and keeps this thread's CPU seconds of every call (load-blind at 1 torch thread)."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn, self.calls = fn, []
+
+    def __call__(self) -> object:
+        t0 = time.thread_time()
+        out = self.fn()
+        self.calls.append(time.thread_time() - t0)
+        return out
+
+    def per_round(self, rounds: int) -> list[float]:
+        """Mean CPU seconds per call in each round of `common.interleaved` (after its 2 untimed calls)."""
+        xs = self.calls[2:]
+        k = len(xs) // rounds
+        return [sum(xs[i * k : (i + 1) * k]) / k for i in range(rounds)]
+
+
+def oversubscribed(step: Callable[[], object], cores: int) -> float:
+    """Wall time of a step at `cores` threads over 1 thread (alternated, median of 3): > 1 when other
+    jobs hold the cores and every parallel region waits for a descheduled thread."""
+    r = []
+    for _ in range(3):
+        t = []
+        for n in (1, cores):
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            step()
+            t.append(time.perf_counter() - t0)
+        r.append(t[1] / t[0])
+    return median(r)
+
+
 def steps_part(batches: list[int], widths: list[int], rounds: int, block_s: float, cores: int,
                png: str | None) -> None:
     """ECT step time over batch sizes (width 32) and widths (batch 128), at 1 and `cores` threads."""
     torch.manual_seed(0)
-    cells: dict[tuple[str, int, int], tuple[Callable[[], object], float]] = {}
-    plan = [("batch", b, 32) for b in batches] + [("width", 128, w) for w in widths if w != 32 or 128 not in batches]
+    steps: dict[tuple[int, int], tuple[Callable[[], object], float]] = {}
+    plan = [(b, 32) for b in batches] + [(128, w) for w in widths if (128, w) not in [(b, 32) for b in batches]]
     models: dict[int, Any] = {}
-    for _axis, b, w in plan:
+    for b, w in plan:
         cfg = TrainConfig.model_validate({"method": "ect", "network": {"model_channels": w}})
         if w not in models:
             data = load_dataset(cfg.data)
@@ -82,29 +122,48 @@ def steps_part(batches: list[int], widths: list[int], rounds: int, block_s: floa
             models[w] = (cfg, data, model, optimizer(cfg, model))
         cfg, data, model, opt = models[w]
         step = make_step("ect", 1, cfg, model, data, opt, b)
-        flops = float(count_flops(step))
-        for n in sorted({1, cores}):
-            cells[(f"b{b} w{w}", n, b)] = (with_threads(step, n), flops)
-    t = interleaved({f"{k[0]} t{k[1]}": fn for k, (fn, _) in cells.items()}, rounds, block_s)
+        steps[(b, w)] = (step, float(count_flops(step)))
+    threads = [1]
+    if cores > 1:
+        probe = steps[(128, 32)][0] if (128, 32) in steps else next(iter(steps.values()))[0]
+        over = oversubscribed(probe, cores)
+        if over > 1.5:
+            print(f"\n# {cores} threads are {over:.1f}x SLOWER than 1 thread right now (other jobs hold the cores): "
+                  f"{cores}-thread cells skipped")
+        else:
+            threads.append(cores)
+    meters = {k: CpuMeter(with_threads(fn, 1)) for k, (fn, _) in steps.items()}
+    fns: dict[str, Callable[[], object]] = {}
+    for (b, w), (fn, _) in steps.items():
+        fns[f"b{b} w{w} t1"] = meters[(b, w)]
+        if cores in threads[1:]:
+            fns[f"b{b} w{w} t{cores}"] = with_threads(fn, cores)
+    t = interleaved(fns, rounds, block_s)
     torch.set_num_threads(cores)
 
     def row(b: int, w: int) -> dict[str, str]:
-        one, many = t[f"b{b} w{w} t1"], t[f"b{b} w{w} t{cores}"]
-        flops = cells[(f"b{b} w{w}", 1, b)][1]
-        sp, lo, hi = paired_ratio(one, many)
-        return {"batch": str(b), "width": str(w), "GFLOP/step": f"{flops / 1e9:.2f}",
-                "ms/step 1 thr": f"{median(one) * 1e3:.1f}", f"ms/step {cores} thr": f"{median(many) * 1e3:.1f}",
-                "img/s 1 thr": f"{b / median(one):.0f}", f"GFLOP/s {cores} thr": f"{flops / median(many) / 1e9:.1f}",
-                f"{cores}-core speed-up": f"{sp:.2f} [{lo:.2f}–{hi:.2f}]"}
+        flops = steps[(b, w)][1]
+        cpu = median(meters[(b, w)].per_round(rounds))
+        r = {"batch": str(b), "width": str(w), "GFLOP/step": f"{flops / 1e9:.2f}",
+             "ms/step 1 thr (CPU)": f"{cpu * 1e3:.1f}", "GFLOP/s 1 thr": f"{flops / cpu / 1e9:.1f}",
+             "img/s 1 thr": f"{b / cpu:.0f}"}
+        if len(threads) > 1:
+            one, many = t[f"b{b} w{w} t1"], t[f"b{b} w{w} t{cores}"]
+            sp, lo, hi = paired_ratio(one, many)
+            r[f"ms/step {cores} thr (wall)"] = f"{median(many) * 1e3:.1f}"
+            r[f"{cores}-core speed-up (wall)"] = f"{sp:.2f} [{lo:.2f}–{hi:.2f}]"
+        return r
 
     by_batch = [row(b, 32) for b in batches]
     by_width = [row(128, w) for w in widths]
     for title, rows, key in (("batch size (width 32)", by_batch, "batch"), ("width (batch 128)", by_width, "width")):
         xs = [float(r[key]) for r in rows]
-        s1 = slope(xs, [float(r["ms/step 1 thr"]) for r in rows])
-        sn = slope(xs, [float(r[f"ms/step {cores} thr"]) for r in rows])
+        s1 = slope(xs, [float(r["ms/step 1 thr (CPU)"]) for r in rows])
         sf = slope(xs, [float(r["GFLOP/step"]) for r in rows])
-        print(f"\n# ECT step vs {title}: log-log slope of ms/step {s1:.2f} (1 thread), {sn:.2f} ({cores} threads); "
+        more = ""
+        if len(threads) > 1:
+            more = f", {slope(xs, [float(r[f'ms/step {cores} thr (wall)']) for r in rows]):.2f} ({cores} threads, wall)"
+        print(f"\n# ECT step vs {title}: log-log slope of ms/step {s1:.2f} (1 thread, CPU time){more}; "
               f"of FLOPs {sf:.2f}")
         print(table(rows))
     if png:
@@ -121,10 +180,12 @@ def plot(by_batch: list[dict[str, str]], by_width: list[dict[str, str]], cores: 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, rows, key in ((axes[0], by_batch, "batch"), (axes[1], by_width, "width")):
         x = [float(r[key]) for r in rows]
-        for col, label in (("ms/step 1 thr", "1 thread"), (f"ms/step {cores} thr", f"{cores} threads")):
-            ax.loglog(x, [float(r[col]) for r in rows], "o-", label=label)
+        for col, label in (("ms/step 1 thr (CPU)", "1 thread (CPU time)"),
+                           (f"ms/step {cores} thr (wall)", f"{cores} threads (wall)")):
+            if col in rows[0]:
+                ax.loglog(x, [float(r[col]) for r in rows], "o-", label=label)
         flops = [float(r["GFLOP/step"]) for r in rows]
-        ref = float(rows[-1]["ms/step 1 thr"]) / flops[-1]
+        ref = float(rows[-1]["ms/step 1 thr (CPU)"]) / flops[-1]
         ax.loglog(x, [f * ref for f in flops], "k:", label="∝ FLOPs")
         ax.set_xticks(x, [str(int(v)) for v in x])
         ax.minorticks_off()

@@ -143,12 +143,12 @@ case "$TARGET" in
     done
     ;;
   fmnist-ect-vs-sct)
-    fmnist experiments/fmnist_ect_vs_sct.yaml base.iterations=300 base.eval.every=100 \
+    fmnist experiments/fmnist_ect_vs_sct.yaml base.iterations=200 base.eval.every=100 \
       base.eval.online=false "search.seed.grid=[0]"
     ;;
   fmnist-scaling)
     fmnist experiments/fmnist_scaling.yaml "search.iterations.grid=[50, 100, 200]" \
-      "search.optim.batch_size.grid=[32, 64]" base.eval.every=50 base.eval.fid_samples=500
+      "search.optim.batch_size.grid=[32]" base.eval.every=50 base.eval.fid_samples=500
     ;;
   cifar10-ect) paper experiments/cifar10_ect.yaml ;;
   cifar10-sct) paper experiments/cifar10_sct.yaml ;;

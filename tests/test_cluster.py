@@ -83,6 +83,19 @@ class RayNode:
         self.proc.wait(timeout=10)
 
 
+def _with_env(setting: str) -> list[int]:
+    """Live PIDs whose environment holds `setting` (NAME=value), whatever their process title."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if setting.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
 def _raylet_node_ids(ray_tmp: Path) -> set[str]:
     ids = set()
     for pid in processes_under(str(ray_tmp)):
@@ -220,3 +233,6 @@ def test_sweep_on_a_two_node_cluster_survives_a_driver_kill(
         for node in reversed(nodes):
             node.stop()
         server.stop(graceful=False)
+    left = _with_env(f"RAY_TMPDIR={ray_tmp}")  # any process of this cluster, workers included
+    kill_pids(left)
+    assert not left, f"processes of the cluster left running: {left}"

@@ -88,18 +88,20 @@ def _kill_after_truncating_newest_checkpoint(
     if fid < 10 or loss < fid + 5 or fid >= ITERATIONS - 10:
         os.kill(pid, signal.SIGCONT)
         return -1, -1
-    by_step = {}
-    for d in (results / trial_id).glob("checkpoint_*"):
-        meta = d / "sct_run.json"
-        if meta.is_file():
-            by_step[json.loads(meta.read_text())["step"]] = d
-    assert fid in by_step and fid - 10 in by_step, (fid, sorted(by_step))
-    state = by_step[fid] / "state.pt"
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    # Security on the way: every socket the embedded Ray listens on is on loopback.
-    addrs = listening_addresses(processes_under(str(ray_tmp)) + [pid])
-    assert addrs and addrs <= LOOPBACK, addrs
-    os.kill(pid, signal.SIGKILL)
+    try:
+        by_step = {}
+        for d in (results / trial_id).glob("checkpoint_*"):
+            meta = d / "sct_run.json"
+            if meta.is_file():
+                by_step[json.loads(meta.read_text())["step"]] = d
+        assert fid in by_step and fid - 10 in by_step, (fid, sorted(by_step))
+        state = by_step[fid] / "state.pt"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+        # Security on the way: every socket the embedded Ray listens on is on loopback.
+        addrs = listening_addresses(processes_under(str(ray_tmp)) + [pid])
+        assert addrs and addrs <= LOOPBACK, addrs
+    finally:
+        os.kill(pid, signal.SIGKILL)  # never leave a frozen worker behind
     return fid, fid - 10
 
 

@@ -239,12 +239,27 @@ def _cifar_root(cfg: DataConfig) -> Path:
     return Path(os.environ.get("SCT_CIFAR10_ROOT", "data/cifar-10-batches-py"))
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a data file can never run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden object {module}.{name} in a data file")
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: file not found; {_CIFAR_HINT}")
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")  # the standard CIFAR-10 format is a pickle
+            d = _ArrayUnpickler(f, encoding="bytes").load()  # the standard CIFAR-10 format is a pickle
     except Exception as e:
         raise DataError(f"{path}: not a CIFAR-10 pickle batch ({type(e).__name__}); {_CIFAR_HINT}") from None
     if not isinstance(d, dict):

@@ -20,7 +20,7 @@ from trainer.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset, dataset_std, load_dataset
 from trainer.ema import Ema
-from trainer.errors import CheckpointError, DivergenceError
+from trainer.errors import CheckpointError, ConfigError, DivergenceError
 from trainer.loss import consistency_loss, edm_loss
 from trainer.networks import build_network, count_parameters
 from trainer.precond import ConsistencyModel
@@ -191,6 +191,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
     device = resolve_device(cfg.device)
     configure_backend(device)
     data = _load_data(cfg, device)
+    if cfg.method == "sct" and isinstance(cfg.sct.ref_batch, int) and cfg.sct.ref_batch > len(data):
+        raise ConfigError(f"sct.ref_batch: {cfg.sct.ref_batch} is larger than the {cfg.data.name} training set "
+                          f"({len(data)} images); use a smaller value or 'all'")
     model = build_model(cfg, data).to(device)
     n_params = count_parameters(model.net)
     tuning = cfg.method != "edm"
