@@ -164,6 +164,27 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> tuple[float, flo
     return statistics.median(r), min(r), max(r)
 
 
+OVERSUBSCRIBED = 1.5  # all-core step slower than this × a 1-thread step: other jobs hold the cores
+
+
+def oversubscribed(step: Callable[[], object], cores: int) -> float:
+    """Wall time of `step()` at `cores` torch threads over 1 thread (alternated, median of 3 pairs).
+
+    Above 1 when other jobs hold the cores: every parallel region then waits at its barrier for a
+    descheduled thread (measured here: 5–20x slower at load 6–9 on 2 cores). Leaves `cores` threads set.
+    """
+    r = []
+    for _ in range(3):
+        t = []
+        for n in (1, cores):
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            step()
+            t.append(time.perf_counter() - t0)
+        r.append(t[1] / t[0])
+    return statistics.median(r)
+
+
 # -- measurement conditions --------------------------------------------------------------------------
 
 

@@ -20,7 +20,16 @@ import tempfile
 import time
 
 import torch
-from common import conditions, load_average, median, print_conditions, set_threads, table
+from common import (
+    OVERSUBSCRIBED,
+    conditions,
+    load_average,
+    median,
+    oversubscribed,
+    print_conditions,
+    set_threads,
+    table,
+)
 
 from trainer.config import TrainConfig
 from trainer.data import load_dataset
@@ -58,6 +67,12 @@ def main() -> None:
     FidEvaluator.from_config(cfg)  # again: in-process cache
     again_s = time.perf_counter() - t0
 
+    if len(args.threads) > 1:
+        over = oversubscribed(lambda: generate(model, cfg, data, args.eval_batch, 1, seed=0), args.threads[-1])
+        if over > OVERSUBSCRIBED:
+            print(f"# {args.threads[-1]} threads {over:.1f}x slower than 1 right now (other jobs hold the cores): "
+                  "only 1 thread timed")
+            args.threads = [1]
     gen: dict[tuple[int, int], list[float]] = {(n, k): [] for n in args.threads for k in args.steps}
     score: dict[int, list[float]] = {n: [] for n in args.threads}
     for r in range(args.repeats):

@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 from common import (
+    OVERSUBSCRIBED,
     conditions,
     interleaved,
     load_average,
     make_step,
     median,
+    oversubscribed,
     paired_ratio,
     print_conditions,
     table,
@@ -92,21 +94,6 @@ class CpuMeter:
         return [sum(xs[i * k : (i + 1) * k]) / k for i in range(rounds)]
 
 
-def oversubscribed(step: Callable[[], object], cores: int) -> float:
-    """Wall time of a step at `cores` threads over 1 thread (alternated, median of 3): > 1 when other
-    jobs hold the cores and every parallel region waits for a descheduled thread."""
-    r = []
-    for _ in range(3):
-        t = []
-        for n in (1, cores):
-            torch.set_num_threads(n)
-            t0 = time.perf_counter()
-            step()
-            t.append(time.perf_counter() - t0)
-        r.append(t[1] / t[0])
-    return median(r)
-
-
 def steps_part(batches: list[int], widths: list[int], rounds: int, block_s: float, cores: int,
                png: str | None) -> None:
     """ECT step time over batch sizes (width 32) and widths (batch 128), at 1 and `cores` threads."""
@@ -127,7 +114,7 @@ def steps_part(batches: list[int], widths: list[int], rounds: int, block_s: floa
     if cores > 1:
         probe = steps[(128, 32)][0] if (128, 32) in steps else next(iter(steps.values()))[0]
         over = oversubscribed(probe, cores)
-        if over > 1.5:
+        if over > OVERSUBSCRIBED:
             print(f"\n# {cores} threads are {over:.1f}x SLOWER than 1 thread right now (other jobs hold the cores): "
                   f"{cores}-thread cells skipped")
         else:

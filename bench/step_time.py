@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 from common import (
+    OVERSUBSCRIBED,
     conditions,
     interleaved,
     load_average,
     make_step,
     median,
+    oversubscribed,
     paired_ratio,
     print_conditions,
     set_threads,
@@ -178,6 +180,7 @@ def main() -> None:
     ap.add_argument("--block-s", type=float, default=0.5, help="seconds per timed block")
     ap.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
                     help="cpu = this thread's CPU time (auto: cpu at 1 thread, where it is load-blind; else wall)")
+    ap.add_argument("--force", action="store_true", help="run multi-threaded even when the cores are held by others")
     ap.add_argument("--profile", action="store_true", help="op-category profile of the ECT and SCT n=512 steps")
     args = ap.parse_args()
     threads = set_threads(args.threads)
@@ -196,6 +199,12 @@ def main() -> None:
     ema0 = Ema(model0, cfg.ema.beta, cfg.ema.warmup)
     steps[NO_DROPOUT] = make_step("ect", 1, cfg0, model0, data, optimizer(cfg0, model0), args.batch, ema=ema0)
     flops = {label: count_flops(s) for label, s in steps.items()}
+    if threads > 1:
+        over = oversubscribed(steps["ect"], threads)
+        print(f"# {threads} threads / 1 thread, wall per ECT step now: {over:.2f}")
+        if over > OVERSUBSCRIBED and not args.force:
+            raise SystemExit(f"other jobs hold the cores ({threads} threads {over:.1f}x slower than 1): multi-thread "
+                             "figures would measure the contention; rerun with --threads 1, later, or with --force")
     fns: dict[str, Callable[[], object]] = dict(steps)
     for label in ("edm", "ect", "sct n=512"):
         fns[f"kernels {label}"] = kernel_replay(steps[label])

@@ -8,7 +8,8 @@ SQLite store, checkpoints) in a private SCT_PROJECT_DIR / RAY_TMPDIR under /tmp,
 so `cpus` trials run at once and Ray sets OMP_NUM_THREADS=1 in each (torch threads × concurrent
 trials = cores). The baseline runs the same TrainConfigs with `trainer.train.train` in this process:
 with 1 torch thread (a trial's compute as the sweep gives it: the ideal sweep wall is their sum /
-cpus) and with `cpus` threads (running them by hand, one after another). Half of the baseline
+cpus) and with `cpus` threads (running them by hand, one after another; skipped when a probe finds
+`cpus` threads slower than 1, i.e. other jobs hold the cores). Half of the baseline
 trials run before the sweep and half after it, so a drift of the machine's load cancels.
 
 Reported: Ray start-up and shutdown (timed alone first), per-trial set-up inside a trial (Ray's
@@ -24,12 +25,13 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import conditions, load_average, median, print_conditions, table
+from common import OVERSUBSCRIBED, conditions, load_average, make_step, median, oversubscribed, print_conditions, table
 
 from trainer.config import TrainConfig
 
@@ -82,13 +84,58 @@ def run_trials_inline(cfgs: list[TrainConfig], threads: int, out: Path) -> list[
     try:
         for cfg in cfgs:
             cfg = cfg.model_copy(update={"out_dir": out / f"t{threads}-s{cfg.seed}"})
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             res = train(cfg)
-            total = time.perf_counter() - t0
-            rows.append({"total": total, "loop": res.metrics["wall_s"], "eval": res.metrics["eval_s"]})
+            total, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            rows.append({"total": total, "cpu": cpu, "loop": res.metrics["wall_s"], "eval": res.metrics["eval_s"]})
     finally:
         torch.set_num_threads(old)
     return rows
+
+
+class CpuMonitor(threading.Thread):
+    """CPU seconds of every process descended from this one (Ray's GCS, raylet, workers, ...), read from
+    /proc every `every` seconds while running (Linux). The last < `every` s of a process are missed."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.every, self.root, self.tick = every, os.getpid(), os.sysconf("SC_CLK_TCK")
+        self.cpu: dict[tuple[int, int], float] = {}  # (pid, start time) -> CPU seconds seen last
+        self.names: dict[tuple[int, int], str] = {}
+        self._stop = threading.Event()
+
+    def snapshot(self) -> None:
+        procs = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                procs[int(d.name)] = (int(f[1]), int(f[11]) + int(f[12]), int(f[19]))  # ppid, utime+stime, start
+        for pid, (ppid, _, _) in procs.items():
+            p, depth = ppid, 0
+            while p not in (self.root, 0, 1) and p in procs and depth < 20:
+                p, depth = procs[p][0], depth + 1
+            if p == self.root and pid != self.root:
+                key = (pid, procs[pid][2])
+                self.cpu[key] = procs[pid][1] / self.tick
+                if key not in self.names:
+                    try:
+                        self.names[key] = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode()
+                    except OSError:
+                        self.names[key] = "?"
+
+    def run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.snapshot()
+
+    def stop(self) -> dict[str, float]:
+        """Stop; CPU seconds of trial workers (`ray::...`) and of the other (Ray system) processes."""
+        self._stop.set()
+        self.join()
+        work = sum(c for k, c in self.cpu.items() if self.names.get(k, "").startswith("ray::"))
+        return {"workers": work, "ray_system": sum(self.cpu.values()) - work}
 
 
 def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
@@ -99,16 +146,19 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
     from sct_sweeps.runner import run_sweep
 
     spec = parse_spec(spec_raw, "bench")
-    t0 = time.perf_counter()
+    monitor = CpuMonitor()
+    monitor.start()
+    t0, c0 = time.perf_counter(), time.process_time()
     outcome = run_sweep(spec, None, None, cpus, progress=False)
-    wall = time.perf_counter() - t0
+    wall, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
+    cpu = {**monitor.stop(), "driver": driver_cpu}
     trials = []
     for t in ExperimentAnalysis(outcome.record.results_dir).trials:
         r = t.last_result or {}
         trials.append({"total": float(r.get("time_total_s", 0.0)), "loop": float(r.get("wall_s", 0.0)),
                        "eval": float(r.get("eval_s", 0.0)), "status": t.status})
     return {"wall": wall, "pretrain": outcome.pretrain_s, "slots": outcome.slots, "errors": outcome.errors,
-            "trials": trials}
+            "trials": trials, "cpu": cpu}
 
 
 def measure(trials: int, iterations: int, channels: int, cpus: int, baseline: bool = True,
@@ -120,7 +170,11 @@ def measure(trials: int, iterations: int, channels: int, cpus: int, baseline: bo
     raw = spec_dict(name, trials, iterations, channels)
     base = parse_spec(raw, "bench").base
     cfgs = [override(base, {"seed": s}) for s in range(trials)]
-    res: dict[str, Any] = {"ray": ray_startup(cpus), "seq1": [], "seqn": []}
+    res: dict[str, Any] = {"ray": ray_startup(cpus), "seq1": [], "seqn": [], "over": None}
+    by_hand = baseline and cpus > 1
+    if by_hand:
+        res["over"] = over = oversubscribed(probe_step(base), cpus)
+        by_hand = over <= OVERSUBSCRIBED
     half = (trials + 1) // 2
     for part in (cfgs[:half], None, cfgs[half:]):
         if part is None:
@@ -128,13 +182,26 @@ def measure(trials: int, iterations: int, channels: int, cpus: int, baseline: bo
         elif baseline:
             for cfg in part:  # alternate thread counts trial by trial
                 res["seq1"] += run_trials_inline([cfg], 1, project / "inline")
-                res["seqn"] += run_trials_inline([cfg], cpus, project / "inline")
+                if by_hand:
+                    res["seqn"] += run_trials_inline([cfg], cpus, project / "inline")
     return res
+
+
+def probe_step(cfg: TrainConfig) -> Any:
+    """One training step of `cfg`'s network and method (for the oversubscription probe)."""
+    from trainer.data import load_dataset
+    from trainer.train import build_model
+
+    data = load_dataset(cfg.data)
+    model = build_model(cfg, data)
+    opt = torch.optim.RAdam(model.parameters(), lr=cfg.optim.lr)
+    return make_step(cfg.method, cfg.sct.ref_batch, cfg, model, data, opt, cfg.optim.batch_size)
 
 
 def report(res: dict[str, Any], cpus: int) -> None:
     """Print the overhead table of one `measure` result."""
     sw = res["sweep"]
+    cpu = sw["cpu"]
     n = len(sw["trials"])
     ray = res["ray"]
     ray_total = ray["start"] + ray["stop"]
@@ -150,20 +217,31 @@ def report(res: dict[str, Any], cpus: int) -> None:
     ]
     if res["seq1"]:
         s1 = sum(t["total"] for t in res["seq1"])
-        sn = sum(t["total"] for t in res["seqn"])
+        c1 = sum(t["cpu"] for t in res["seq1"])
         inline_setup = [t["total"] - t["loop"] - t["eval"] for t in res["seq1"]]
         ideal = s1 / cpus
         rows += [
             {"what": "Σ trial time inline, 1 thread (back to back)", "s": f"{s1:.1f}"},
+            {"what": "  (its CPU time: the compute, blind to other jobs)", "s": f"{c1:.1f}"},
             {"what": f"  ideal sweep wall = that / {cpus} cores", "s": f"{ideal:.1f}"},
             {"what": "  per-trial set-up inline (median)", "s": f"{median(inline_setup):.2f}"},
-            {"what": f"Σ trial time inline, {cpus} threads (by hand, back to back)", "s": f"{sn:.1f}"},
             {"what": "**sweep wall / ideal (goal ≤ 1.10)**", "s": f"**{sw['wall'] / ideal:.2f}**"},
             {"what": "  without Ray start/shutdown", "s": f"{(sw['wall'] - ray_total) / ideal:.2f}"},
+            {"what": "sweep CPU s: trial workers + Ray system processes + driver",
+             "s": f"{cpu['workers']:.1f} + {cpu['ray_system']:.1f} + {cpu['driver']:.1f}"},
+            {"what": "**sweep CPU / Σ inline trial CPU (load-blind overhead)**",
+             "s": f"**{(cpu['workers'] + cpu['ray_system'] + cpu['driver']) / c1:.2f}**"},
+            {"what": "  trial workers' CPU / Σ inline trial CPU", "s": f"{cpu['workers'] / c1:.2f}"},
             {"what": "  a sweep trial / the same trial inline at 1 thread (median)",
              "s": f"{median([a['total'] / b['total'] for a, b in zip(sw['trials'], res['seq1'], strict=False)]):.2f}"},
-            {"what": f"sweep wall / by hand at {cpus} threads", "s": f"{sw['wall'] / sn:.2f}"},
         ]
+        if res["seqn"]:
+            sn = sum(t["total"] for t in res["seqn"])
+            rows += [{"what": f"Σ trial time inline, {cpus} threads (by hand, back to back)", "s": f"{sn:.1f}"},
+                     {"what": f"sweep wall / by hand at {cpus} threads", "s": f"{sw['wall'] / sn:.2f}"}]
+        elif res["over"] is not None:
+            rows.append({"what": f"by hand at {cpus} threads: skipped, {cpus} threads were {res['over']:.1f}x "
+                                 "slower than 1 (other jobs hold the cores)", "s": ""})
     print(f"# {n} trials ({sw['errors']} failed), {sw['slots']} at a time, 1 CPU each")
     print(table(rows))
 

@@ -15,6 +15,8 @@
 # Paper targets (cifar10-*, imagenet64-*) stop at once, with one line saying why, on a machine
 # without a CUDA GPU, without the dataset or without the Inception weights. With QUICK or the path
 # overrides, the spec actually run is a derived copy under .cache/specs/ (printed before it runs).
+# A sweep that exists already (ray_results/<name>) is resumed, not rerun: finished trials are kept;
+# remove ray_results/<name> to start it over. Each sweep ends with `sct-sweep report <name>`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
