@@ -102,7 +102,7 @@ class CpuMonitor(threading.Thread):
         self.every, self.root, self.tick = every, os.getpid(), os.sysconf("SC_CLK_TCK")
         self.cpu: dict[tuple[int, int], float] = {}  # (pid, start time) -> CPU seconds seen last
         self.names: dict[tuple[int, int], str] = {}
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def snapshot(self) -> None:
         procs = {}
@@ -127,12 +127,12 @@ class CpuMonitor(threading.Thread):
                         self.names[key] = "?"
 
     def run(self) -> None:
-        while not self._stop.wait(self.every):
+        while not self._done.wait(self.every):
             self.snapshot()
 
     def stop(self) -> dict[str, float]:
         """Stop; CPU seconds of trial workers (`ray::...`) and of the other (Ray system) processes."""
-        self._stop.set()
+        self._done.set()
         self.join()
         work = sum(c for k, c in self.cpu.items() if self.names.get(k, "").startswith("ray::"))
         return {"workers": work, "ray_system": sum(self.cpu.values()) - work}

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from trainer.checkpoint import load_latest
 from trainer.config import load_train_config
 from trainer.errors import TrainerError
 
@@ -27,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
             print(pretrain(cfg, Path(cfg.out_dir).absolute() / "pretrain.pt"))
             return 0
         resume = None
-        if args.resume:
-            ckpts = sorted((Path(cfg.out_dir) / "checkpoints").glob("it*"))
-            resume = ckpts[-1] if ckpts else None
+        if args.resume:  # the newest checkpoint that loads; a corrupt one falls back to the previous
+            ckpts = sorted((Path(cfg.out_dir) / "checkpoints").glob("it*"), reverse=True)
+            resume = load_latest([c / "state.pt" for c in ckpts])[0].parent if ckpts else None
         result = train(cfg, resume_from=resume)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
