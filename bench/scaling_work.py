@@ -1,7 +1,7 @@
 """Scaling with the work: ECT step time vs batch size and network width (log-log), 1 vs all cores,
 sweep wall time vs number of trials, and the FLOPs per step of larger networks (for the GPU estimate).
 
-    python bench/scaling_work.py [--part steps|sweeps|flops|all] [--rounds 5] [--block-s 0.3]
+    python bench/scaling_work.py [--part steps sweeps flops | all] [--rounds 5] [--block-s 0.3]
                                  [--batches 16 32 64 128 256 512] [--widths 8 16 32 64]
                                  [--trials 2 4 8] [--iterations 100] [--png PATH]
 
@@ -230,7 +230,7 @@ def flops_part() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["steps", "sweeps", "flops", "all"], default="all")
+    ap.add_argument("--part", nargs="+", choices=["steps", "sweeps", "flops", "all"], default=["all"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--block-s", type=float, default=0.3)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
@@ -241,11 +241,12 @@ def main() -> None:
     ap.add_argument("--png", default=None, help="write the log-log plot here")
     args = ap.parse_args()
     print_conditions(conditions(args.cores))
-    if args.part in ("flops", "all"):
+    parts = {"steps", "sweeps", "flops"} if "all" in args.part else set(args.part)
+    if "flops" in parts:
         flops_part()
-    if args.part in ("steps", "all"):
+    if "steps" in parts:
         steps_part(args.batches, args.widths, args.rounds, args.block_s, args.cores, args.png)
-    if args.part in ("sweeps", "all"):
+    if "sweeps" in parts:
         sweeps_part(args.trials, args.iterations, args.cores)
     print(f"# load (after): {load_average()}")
 

@@ -51,7 +51,14 @@ class ConsistencyModel(nn.Module):
         self.sigma_data = cfg.sigma_data
         self.sigma_min_shift = cfg.sigma_min_shift
         # Phased model (spec §4.3): segment edges 0 = s_0 < ... < s_M; None = one phase.
-        self.register_buffer("phase_edges", phase_edges if phase_edges is not None else torch.empty(0))
+        # Derived from the config, not learned: not saved, and ignored when loading (so a one-phase
+        # pretrain initialises a phased model and vice versa).
+        edges = phase_edges if phase_edges is not None else torch.empty(0)
+        self.register_buffer("phase_edges", edges, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        state_dict.pop(prefix + "phase_edges", None)  # written by older checkpoints
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _raw(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """F_θ(c_in·x, c_noise, c) in float32."""
