@@ -137,3 +137,15 @@ def test_cli_runs_and_bad_config_exits_2(tmp_path):
     assert out.returncode == 2
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "sct.ref_batch" in err[0] and "bad.yaml" in err[0]
+
+
+def test_phased_model_tunes_from_a_one_phase_pretrain(tmp_path):
+    """The sweep shares one pretrain across `sct.phases` values: phase edges are not in the weights."""
+    path = pretrain(tiny(tmp_path, method="ect", iterations=0), tmp_path / "shared.pt")
+    cfg = tiny(tmp_path, method="sct", iterations=5, sct={"phases": 4}, pretrain={"checkpoint": str(path)})
+    cfg.eval.every = 5
+    cfg.eval.at_start = False
+    res = train(cfg, Collect())
+    assert res.metrics["fid_1step"] > 0
+    state = torch.load(res.checkpoint_dir / "state.pt", weights_only=True)
+    assert "phase_edges" not in state["model"]
