@@ -198,13 +198,13 @@ def main() -> None:
     model0 = build_model(cfg0, data)
     ema0 = Ema(model0, cfg.ema.beta, cfg.ema.warmup)
     steps[NO_DROPOUT] = make_step("ect", 1, cfg0, model0, data, optimizer(cfg0, model0), args.batch, ema=ema0)
-    flops = {label: count_flops(s) for label, s in steps.items()}
     if threads > 1:
         over = oversubscribed(steps["ect"], threads)
         print(f"# {threads} threads / 1 thread, wall per ECT step now: {over:.2f}")
         if over > OVERSUBSCRIBED and not args.force:
             raise SystemExit(f"other jobs hold the cores ({threads} threads {over:.1f}x slower than 1): multi-thread "
                              "figures would measure the contention; rerun with --threads 1, later, or with --force")
+    flops = {label: count_flops(s) for label, s in steps.items()}
     fns: dict[str, Callable[[], object]] = dict(steps)
     for label in ("edm", "ect", "sct n=512"):
         fns[f"kernels {label}"] = kernel_replay(steps[label])
