@@ -19,7 +19,8 @@ from trainer.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -45,7 +46,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda f: torch.save(state, f))
-    digest = _sha256(path)
+    digest = sha256_file(path)
     _atomic_write(path.with_name(path.name + ".sha256"), lambda f: f.write(digest.encode()))
     return path
 
@@ -56,7 +57,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.is_file() and sidecar.read_text().strip() != _sha256(path):
+    if sidecar.is_file() and sidecar.read_text().strip() != sha256_file(path):
         raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt checkpoint)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

@@ -11,13 +11,13 @@ another resolution (digits trained at 16x16) are resized to it (area / bilinear)
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.checkpoint import sha256_file
 from trainer.errors import CheckpointError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -75,15 +75,6 @@ def resize_to(x: torch.Tensor, resolution: int) -> torch.Tensor:
 def weights_path(dataset: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
     """Where the shipped classifier of `dataset` lives."""
     return Path(weights_dir) / f"{dataset}_classifier.pt"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_classifier(dataset: str) -> ClassifierNet:
