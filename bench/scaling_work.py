@@ -194,17 +194,20 @@ def sweeps_part(trials: list[int], iterations: int, cpus: int) -> None:
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     project = private_project()
-    rows = []
+    rows: list[dict[str, str]] = []
+    cpus_used: list[float] = []
     try:
         for n in trials:
             res = measure(n, iterations, 16, cpus, baseline=False, name=f"bench_scale_{n}")
             sw = res["sweep"]
             per = sum(t["total"] for t in sw["trials"])
             ideal = per / sw["slots"]
+            cpu = sum(sw["cpu"].values())
+            cpus_used.append(cpu)
             rows.append({"trials": str(n), "wall s": f"{sw['wall']:.1f}", "Σ trial s / slots": f"{ideal:.1f}",
-                         "overhead s": f"{sw['wall'] - ideal:.1f}", "wall / trial s": f"{sw['wall'] / n:.1f}",
+                         "wall − that s": f"{sw['wall'] - ideal:.1f}", "wall / trial s": f"{sw['wall'] / n:.1f}",
                          "Ray start+stop s": f"{res['ray']['start'] + res['ray']['stop']:.1f}",
-                         "failed": str(sw["errors"])})
+                         "sweep CPU s": f"{cpu:.1f}", "failed": str(sw["errors"])})
     finally:
         shutil.rmtree(project, ignore_errors=True)
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
@@ -213,6 +216,11 @@ def sweeps_part(trials: list[int], iterations: int, cpus: int) -> None:
     print(f"\n# sweep wall vs trials ({iterations} SCT iterations each, width 16, {cpus} slots): "
           f"log-log slope {s:.2f}")
     print(table(rows))
+    if len(trials) > 1:  # CPU = fixed + per-trial × n, least squares (load-blind decomposition)
+        mx, my = sum(trials) / len(trials), sum(cpus_used) / len(cpus_used)
+        b = sum((x - mx) * (y - my) for x, y in zip(trials, cpus_used, strict=True))
+        b /= sum((x - mx) ** 2 for x in trials)
+        print(f"# sweep CPU ≈ {my - b * mx:.1f} s fixed (Ray, worker start-ups, driver) + {b:.1f} s per trial")
 
 
 def flops_part() -> None:
