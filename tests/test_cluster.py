@@ -34,7 +34,7 @@ from conftest import (
 
 from sct_sweeps import tracking
 
-ITERATIONS = 40
+ITERATIONS = 80  # long enough that the trial interrupted at iteration >= 25 cannot finish before its actor dies
 
 
 def _group(pgid: int) -> list[int]:
@@ -144,7 +144,8 @@ def test_sweep_on_a_two_node_cluster_survives_a_driver_kill(
         project = Path(cluster_env["SCT_PROJECT_DIR"])
         results = project / "ray_results" / "cluster"
 
-        # Run; SIGKILL the driver once a trial finished and another is mid-run past two checkpoints.
+        # Run; SIGKILL the driver once a trial finished and another is mid-run past two checkpoints (and
+        # far from its end: the driver's death reaches a worker node's actors only after a moment).
         log = open(tmp_path / "driver.log", "wb")
         cmd = [sct_sweep(), "run", str(spec), "--address", address, "--tracking-uri", server.url, "--no-report"]
         driver = subprocess.Popen(cmd, env=cluster_env, stdout=log, stderr=subprocess.STDOUT)
@@ -155,9 +156,9 @@ def test_sweep_on_a_two_node_cluster_survives_a_driver_kill(
             while time.time() < deadline and driver.poll() is None and interrupted is None:
                 runs = child_runs(server.url, "cluster") if (results / "sct_sweep.json").exists() else []
                 finished = {r.info.run_id: r.info.end_time for r in runs if r.info.status == "FINISHED"}
-                running = [r for r in runs if r.info.status == "RUNNING" and r.data.metrics.get("iteration", 0) >= 25]
-                if finished and running:
-                    interrupted = running[0].info.run_id
+                mid = [r for r in runs if r.info.status == "RUNNING" and 25 <= r.data.metrics.get("iteration", 0) <= 45]
+                if finished and mid:
+                    interrupted = mid[0].info.run_id
                 time.sleep(0.5)
             assert interrupted and driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             os.kill(driver.pid, signal.SIGKILL)
@@ -168,6 +169,7 @@ def test_sweep_on_a_two_node_cluster_survives_a_driver_kill(
                 driver.wait()
             log.close()
 
+        resumed_at = int(time.time() * 1000)
         done = subprocess.run(
             [sct_sweep(), "resume", "cluster", "--address", address, "--no-report"],
             env=cluster_env, capture_output=True, text=True, timeout=400,
@@ -202,7 +204,10 @@ def test_sweep_on_a_two_node_cluster_survives_a_driver_kill(
         for r in lost:  # trials Ray forgot with the driver (started after its last snapshot): rerun, not kept
             assert "sct.orphaned" in r.data.tags and r.info.status != "RUNNING", r.data.tags
         again = next(r for r in runs if r.info.run_id == interrupted)
-        assert again.data.tags["sct.attempts"] == "2" and int(again.data.tags["sct.resumed_from"]) >= 10
+        if "sct.resumed_from" in again.data.tags:  # killed with the driver: continued from its checkpoint
+            assert again.data.tags["sct.attempts"] == "2" and int(again.data.tags["sct.resumed_from"]) >= 10
+        else:  # its actor outlived the driver long enough to finish: the resume handed Ray the result
+            assert again.data.tags["sct.attempts"] == "1" and again.info.end_time < resumed_at, again.data.tags
         assert {r.data.tags["sct.node_id"] for r in runs} == node_ids  # trials ran on both nodes
         assert len({r.data.tags["sct.pretrain_checkpoint"] for r in runs}) == 1  # one shared phase one
 
