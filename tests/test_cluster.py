@@ -241,3 +241,54 @@ def test_sweep_on_a_two_node_cluster_survives_a_driver_kill(
     left = _with_env(f"RAY_TMPDIR={ray_tmp}")  # any process of this cluster, workers included
     kill_pids(left)
     assert not left, f"processes of the cluster left running: {left}"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_sweep_on_the_cluster(
+    tmp_path: Path, cluster_env: dict[str, str], ray_tmp: Path, pretrain_cache: Path
+) -> None:
+    """README's "As a Ray job" route: `ray job submit -- sct-sweep run x.yaml` against a head's job server.
+
+    The driver then runs on the cluster (RAY_ADDRESS set by Ray), so `sct-sweep run` needs no --address.
+    """
+    port, dashboard = free_port(), free_port()
+    head = RayNode(
+        ["--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--temp-dir={ray_tmp}"],
+        cluster_env, tmp_path / "head.log",
+    )  # fmt: skip
+    try:
+        head.wait_started()
+        spec = tmp_path / "job.yaml"
+        raw = tiny_spec("job", pretrain_cache, iterations=20)
+        raw["search"] = {"seed": {"grid": [0, 1]}}
+        spec.write_text(yaml.safe_dump(raw))
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        ray = str(VENV_BIN / "ray")
+        job = f"http://127.0.0.1:{dashboard}"
+        submit = subprocess.run(
+            [ray, "job", "submit", "--address", job, "--submission-id", "sct-job", "--",
+             sct_sweep(), "run", str(spec), "--tracking-uri", store, "--no-report"],
+            env=cluster_env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        out = submit.stdout + submit.stderr
+        assert submit.returncode == 0, out[-3000:]
+        assert "sweep job: 2 trials, 0 failed" in out, out[-3000:]
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        assert JobSubmissionClient(job).get_job_status("sct-job") == JobStatus.SUCCEEDED
+
+        client = tracking.client(store)
+        exp = client.get_experiment_by_name("job")
+        parents = client.search_runs([exp.experiment_id], "tags.`sct.role` = 'parent'")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert parents[0].data.params["ray.address"] != "embedded"  # the job's driver joined the cluster
+        runs = child_runs(store, "job")
+        assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+        assert {r.data.tags["sct.node_id"] for r in runs} == _raylet_node_ids(ray_tmp)
+    finally:
+        head.stop()
+    left = _with_env(f"RAY_TMPDIR={ray_tmp}")
+    kill_pids(left)
+    assert not left, f"processes of the cluster left running: {left}"
