@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,7 @@ def status(
     storage: Path | None = STORAGE,
 ) -> None:
     """Trials of a sweep with state, node, iteration and best metric so far (or the list of sweeps)."""
-    from sct_sweeps.status import sweep_rows, trial_rows
+    from sct_sweeps.status import state_saved_at, sweep_rows, trial_rows
 
     if name is None:
         table = Table("sweep", "trials", "states", "MLflow store", "results")
@@ -220,7 +221,10 @@ def status(
         out.print(table if table.rows else "no sweeps yet")
         return
     metric, rows = trial_rows(name, storage)
-    table = Table("trial", "state", "node", "iteration", f"best {metric}", "last error", title=f"sweep {name}")
+    saved = state_saved_at(name, storage)
+    age = "" if saved is None else f"states saved by the driver {time.time() - saved:.0f} s ago"
+    table = Table("trial", "state", "node", "iteration", f"best {metric}", "last error", title=f"sweep {name}",
+                  caption=age)  # fmt: skip
     for row in rows:
         table.add_row(*row)
     out.print(table)

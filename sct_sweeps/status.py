@@ -6,6 +6,7 @@ after it was killed, and from any machine that sees the storage.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -25,10 +26,36 @@ def _analysis(results_dir: str) -> Any:
     return ExperimentAnalysis(results_dir)
 
 
+def _newest_state_file(results_dir: str) -> Path | None:
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+
+    newest = _find_newest_experiment_checkpoint(results_dir) if Path(results_dir).is_dir() else None
+    return None if newest is None else Path(newest)
+
+
+def state_saved_at(name: str, storage: Path | None = None) -> float | None:
+    """When the driver last saved the sweep's trial states (epoch seconds; None before the first save).
+
+    A RUNNING trial in a snapshot much older than a few minutes means the driver is gone: resume it.
+    """
+    newest = _newest_state_file(load_record(name, storage).results_dir)
+    return None if newest is None else newest.stat().st_mtime
+
+
 def trial_states(results_dir: str) -> dict[str, str]:
-    """trial id -> Ray status (PENDING, RUNNING, TERMINATED, ERROR, PAUSED)."""
-    analysis = _analysis(results_dir)
-    return {} if analysis is None else {t.trial_id: t.status for t in analysis.trials}
+    """trial id -> Ray status (PENDING, RUNNING, TERMINATED, ERROR, PAUSED) as the driver last stored it.
+
+    Read from the newest experiment_state file itself: loading it as Trial objects (ExperimentAnalysis)
+    turns RUNNING into PENDING, the state a restored trial restarts in.
+    """
+    newest = _newest_state_file(results_dir)
+    if newest is None:
+        return {}
+    states = {}
+    for trial_json, _ in json.loads(newest.read_text())["trial_data"]:
+        trial = json.loads(trial_json)
+        states[trial["trial_id"]] = trial["status"]
+    return states
 
 
 def _best(trial: Any, metric: str, mode: str) -> float | None:
@@ -54,17 +81,19 @@ def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[
     analysis = _analysis(record.results_dir)
     if analysis is None:
         raise SweepNotFoundError(f"{name}: no Ray experiment state in {record.results_dir} yet")
+    states = trial_states(record.results_dir)
     rows = []
     for t in sorted(analysis.trials, key=lambda t: t.trial_id):
         last = t.last_result or {}
         node = str(last.get("node_id", ""))[:12] or str(last.get("node_ip", "") or "-")
         best = _best(t, spec.metric, spec.mode)
         it = last.get("iteration")
-        error = _last_error(t) if t.status == "ERROR" else ""
+        state = states.get(t.trial_id, t.status)
+        error = _last_error(t) if state == "ERROR" else ""
         rows.append(
             (
                 t.trial_id,
-                t.status,
+                state,
                 node,
                 "-" if it is None else str(int(it)),
                 "-" if best is None else f"{best:.4g}",
@@ -84,4 +113,4 @@ def sweep_rows(storage: Path | None = None) -> list[tuple[str, ...]]:
     return rows
 
 
-__all__ = ["sweep_rows", "trial_rows", "trial_states", "load_record"]
+__all__ = ["sweep_rows", "trial_rows", "trial_states", "state_saved_at", "load_record"]

@@ -5,7 +5,8 @@ in their own process groups, stopped by PID), a real `mlflow server`, and an Opt
 trials run with `sct-sweep run --address --tracking-uri`. Its driver is SIGKILLed mid-sweep and
 `sct-sweep resume --address` finishes it. Checked: trials ran on both nodes, one MLflow run per trial
 nested under the sweep's parent, continuous metric histories, artifacts in the server's store, the
-Optuna searcher's history restored, and `sct-sweep status`.
+Optuna searcher's history restored, and `sct-sweep status`. A second test submits a sweep with `ray job
+submit` to a head's job server (the route README's "As a Ray job" describes).
 """
 
 from __future__ import annotations
