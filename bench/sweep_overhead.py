@@ -1,6 +1,7 @@
 """Sweep overhead: an N-trial sweep of fixed work vs. the same trials back to back in one process.
 
     python bench/sweep_overhead.py [--trials 8] [--iterations 150] [--channels 16] [--cpus 2]
+                                   [--threaded] [--no-parallel]
 
 The trials are tiny digits SCT trials (no pretraining, fixed iterations, one evaluation at the end,
 seeds 0..N−1). The sweep is the real thing: `sct_sweeps.runner.run_sweep` (embedded Ray, MLflow
@@ -9,7 +10,9 @@ so `cpus` trials run at once and Ray sets OMP_NUM_THREADS=1 in each (torch threa
 trials = cores). The baseline runs the same TrainConfigs with `trainer.train.train` in this process:
 with 1 torch thread (a trial's compute as the sweep gives it: the ideal sweep wall is their sum /
 cpus) and with `cpus` threads (running them by hand, one after another; skipped when a probe finds
-`cpus` threads slower than 1, i.e. other jobs hold the cores). Half of the baseline
+`cpus` threads slower than 1, i.e. other jobs hold the cores; only with --threaded) and as a pool of
+`cpus` plain processes at 1 thread (by hand in parallel, no Ray or MLflow: the hardware's floor for
+concurrent trials). Half of the back-to-back baseline
 trials run before the sweep and half after it, so a drift of the machine's load cancels.
 
 Reported: Ray start-up and shutdown (timed alone first), per-trial set-up inside a trial (Ray's
@@ -95,6 +98,31 @@ def run_trials_inline(cfgs: list[TrainConfig], threads: int, out: Path) -> list[
     return rows
 
 
+def _train_one(cfg: TrainConfig) -> dict[str, float]:
+    """One trial at 1 torch thread in a pool process (module level: picklable for `spawn`)."""
+    from trainer.train import train
+
+    torch.set_num_threads(1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    train(cfg)
+    return {"total": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+
+
+def run_trials_parallel(cfgs: list[TrainConfig], procs: int, out: Path) -> dict[str, Any]:
+    """The same trials by hand without Ray or MLflow: a pool of `procs` fresh processes at 1 thread each.
+
+    Its wall (pool start and imports included) is what the hardware gives `procs` concurrent trials:
+    the sweep's practical floor, above Σ/cores by the cost of two trials sharing caches and memory.
+    """
+    import multiprocessing as mp
+
+    cfgs = [c.model_copy(update={"out_dir": out / f"par-s{c.seed}"}) for c in cfgs]
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(procs, maxtasksperchild=None) as pool:
+        rows = pool.map(_train_one, cfgs, chunksize=1)
+    return {"wall": time.perf_counter() - t0, "trials": rows}
+
+
 class CpuMonitor(threading.Thread):
     """CPU seconds of every process descended from this one (Ray's GCS, raylet, workers, ...), read from
     /proc every `every` seconds while running (Linux). The last < `every` s of a process are missed."""
@@ -166,7 +194,7 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
 
 
 def measure(trials: int, iterations: int, channels: int, cpus: int, baseline: bool = True,
-            name: str = "bench_overhead") -> dict[str, Any]:
+            name: str = "bench_overhead", threaded: bool = False, parallel: bool = True) -> dict[str, Any]:
     """One sweep of `trials` trials, the inline baseline around it (if asked), Ray start-up; all times."""
     from sct_sweeps.config import override, parse_spec
 
@@ -174,8 +202,8 @@ def measure(trials: int, iterations: int, channels: int, cpus: int, baseline: bo
     raw = spec_dict(name, trials, iterations, channels)
     base = parse_spec(raw, "bench").base
     cfgs = [override(base, {"seed": s}) for s in range(trials)]
-    res: dict[str, Any] = {"ray": ray_startup(cpus), "seq1": [], "seqn": [], "over": None}
-    by_hand = baseline and cpus > 1
+    res: dict[str, Any] = {"ray": ray_startup(cpus), "seq1": [], "seqn": [], "over": None, "par": None}
+    by_hand = baseline and threaded and cpus > 1
     if by_hand:
         res["over"] = over = oversubscribed(probe_step(base), cpus)
         by_hand = over <= OVERSUBSCRIBED
@@ -183,6 +211,8 @@ def measure(trials: int, iterations: int, channels: int, cpus: int, baseline: bo
     for part in (cfgs[:half], None, cfgs[half:]):
         if part is None:
             res["sweep"] = run_sweep_timed(raw, cpus)
+            if baseline and parallel and cpus > 1:
+                res["par"] = run_trials_parallel(cfgs, cpus, project / "inline")
         elif baseline:
             for cfg in part:  # alternate thread counts trial by trial
                 res["seq1"] += run_trials_inline([cfg], 1, project / "inline")
@@ -240,6 +270,16 @@ def report(res: dict[str, Any], cpus: int) -> None:
             {"what": "  a sweep trial / a trial inline at 1 thread (wall, medians; equal work)",
              "s": f"{median([t['total'] for t in sw['trials']]) / median([t['total'] for t in res['seq1']]):.2f}"},
         ]
+        if res["par"] is not None:
+            par = res["par"]
+            cp = sum(t["cpu"] for t in par["trials"])
+            rows += [
+                {"what": f"by hand in parallel: a pool of {cpus} processes at 1 thread, no Ray/MLflow (wall)",
+                 "s": f"{par['wall']:.1f}"},
+                {"what": "  its wall / ideal (what the hardware allows)", "s": f"{par['wall'] / ideal:.2f}"},
+                {"what": "  its trials' CPU / Σ inline trial CPU (sharing caches and memory)", "s": f"{cp / c1:.2f}"},
+                {"what": "**sweep wall / by hand in parallel**", "s": f"**{sw['wall'] / par['wall']:.2f}**"},
+            ]
         if res["seqn"]:
             sn = sum(t["total"] for t in res["seqn"])
             rows += [{"what": f"Σ trial time inline, {cpus} threads (by hand, back to back)", "s": f"{sn:.1f}"},
@@ -258,6 +298,8 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=16, help="network.model_channels (experiments' digits net)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs given to Ray (= trials at once)")
     ap.add_argument("--keep", action="store_true", help="keep the private project directory")
+    ap.add_argument("--threaded", action="store_true", help="also run the trials back to back at --cpus threads")
+    ap.add_argument("--no-parallel", action="store_true", help="skip the by-hand process-pool baseline")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     project = private_project()
@@ -265,7 +307,8 @@ def main() -> None:
     print(f"# project {project}; digits, model_channels {args.channels}, 1 block, batch 64, "
           f"{args.iterations} SCT iterations + one 500-sample 1- and 2-step FID per trial")
     try:
-        res = measure(args.trials, args.iterations, args.channels, args.cpus)
+        res = measure(args.trials, args.iterations, args.channels, args.cpus, threaded=args.threaded,
+                      parallel=not args.no_parallel)
         report(res, args.cpus)
     finally:
         if not args.keep:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trainer.config import DataConfig
-from trainer.data import ImageDataset, dataset_std, load_dataset
+from trainer.data import ImageDataset, _permuted_split, dataset_std, load_dataset
 from trainer.errors import DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -29,6 +29,17 @@ def test_digits_shape_range_labels() -> None:
     # x = v/8 - 1: every value is on the 1/8 grid (spec §8)
     assert torch.equal((ds.images + 1) * 8, ((ds.images + 1) * 8).round())
     assert 0.6 < dataset_std(ds) < 0.9
+
+
+def test_digits_are_scikit_learns_load_digits() -> None:
+    """Read from the bundled CSV without importing scikit-learn, yet the same images and labels."""
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    ds = load_dataset(DataConfig(name="digits"), "all")
+    order = torch.from_numpy(_permuted_split(len(ref.target), "all"))
+    assert torch.equal(ds.labels, torch.from_numpy(ref.target)[order])
+    assert torch.equal(ds.images, torch.from_numpy(ref.images.astype(np.float32))[order, None] / 8.0 - 1.0)
 
 
 def test_digits_split_is_deterministic_and_disjoint() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import importlib.util
 import logging
 import os
 import pickle
@@ -148,14 +149,26 @@ def _require_dir(root: Path, hint: str) -> Path:
 # digits (scikit-learn, bundled).
 
 
-def _load_digits(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Tensor, int]:
-    from sklearn.datasets import load_digits
+@functools.cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits.csv.gz, read as `sklearn.datasets.load_digits` reads it, without
+    importing scikit-learn (~1 s per process: every Ray worker pays it): 8x8 images 0..16, labels."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("digits: scikit-learn is not installed (it ships the data); run `make install`")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"{path}: scikit-learn's bundled digits data is missing; reinstall scikit-learn")
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
-    d = load_digits()
-    idx = _permuted_split(len(d.target), split)
-    v = torch.from_numpy(d.images[idx].astype(np.float32))[:, None]  # [N, 1, 8, 8], 0..16
+
+def _load_digits(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Tensor, int]:
+    images, target = _digits_arrays()
+    idx = _permuted_split(len(target), split)
+    v = torch.from_numpy(images[idx].astype(np.float32))[:, None]  # [N, 1, 8, 8], 0..16
     x = v / 8.0 - 1.0  # spec §8
-    return x, torch.from_numpy(d.target[idx]), 10
+    return x, torch.from_numpy(target[idx]), 10
 
 
 # ---------------------------------------------------------------------------------------------
