@@ -13,6 +13,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -98,30 +99,62 @@ def _log_if_wide(ax, axis: str, values: np.ndarray, ratio: float = 10.0) -> None
         target.set_minor_formatter(NullFormatter())
 
 
+def seed_curves(res: SweepResults) -> pd.DataFrame:
+    """FID vs iteration per trial group and sampler over the group's seeds: columns group, k, step,
+    mean, min, max, n (steps that every seed of the group evaluated)."""
+    axes = group_axes(res)
+    labels = {t.trial_id: group_label(t, axes) for t in res.trials}
+    rows = []
+    for k in res.fid_steps:
+        col = f"fid_{k}step"
+        if col not in res.history:
+            continue
+        pts = res.history[["trial_id", "step", col]].dropna()
+        pts = pts.assign(group=pts.trial_id.map(labels))
+        for (group, step), g in pts.groupby(["group", "step"], sort=True):
+            rows.append({"group": group, "k": k, "step": int(step), "mean": g[col].mean(), "min": g[col].min(),
+                         "max": g[col].max(), "n": g.trial_id.nunique()})
+    out = pd.DataFrame(rows, columns=["group", "k", "step", "mean", "min", "max", "n"])
+    if out.empty:
+        return out
+    seeds = pd.Series(labels).value_counts()  # trials per group
+    return out[out.n == out.group.map(seeds)].reset_index(drop=True)
+
+
 def plot_fid_curves(res: SweepResults, path: Path) -> Path:
-    """FID vs tuning iteration, one colour per trial group; 1-step solid, 2-step dashed, N dotted."""
+    """FID vs tuning iteration, one colour per trial group; 1-step solid, 2-step dashed, N dotted.
+
+    A group of several seeds is drawn as its mean (thick, markers) with a min-max band, and each
+    seed as a thin line."""
     axes = group_axes(res)
     labels = {t.trial_id: group_label(t, axes) for t in res.trials}
     colours = group_colours(list(labels.values()))
+    multi = {g for g in labels.values() if list(labels.values()).count(g) > 1}
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
     all_fid = []
     for tid, g in res.history.groupby("trial_id", sort=True):
         for k in res.fid_steps:
             col = f"fid_{k}step"
-            pts = g[["step", col]].dropna().sort_values("step")
+            pts = g[["step", col]].dropna().sort_values("step") if col in g else pd.DataFrame()
             if pts.empty:
                 continue
             all_fid.append(pts[col].to_numpy())
-            ax.plot(pts["step"], pts[col], _style(k), marker="o", ms=3, lw=1.5,
-                    color=colours[labels[tid]], alpha=0.9)
+            thin = labels[tid] in multi
+            ax.plot(pts["step"], pts[col], _style(k), marker=None if thin else "o", ms=3, lw=0.7 if thin else 1.5,
+                    color=colours[labels[tid]], alpha=0.35 if thin else 0.9)
+    curves = seed_curves(res)
+    for (group, k), c in curves[curves.group.isin(multi)].groupby(["group", "k"]):
+        ax.plot(c["step"], c["mean"], _style(k), marker="o", ms=4, lw=2.2, color=colours[group])
+        ax.fill_between(c["step"], c["min"], c["max"], color=colours[group], alpha=0.12, lw=0)
     if not all_fid:
         ax.text(0.5, 0.5, "no FID evaluations logged", ha="center", va="center", transform=ax.transAxes)
     else:
         _log_if_wide(ax, "y", np.concatenate(all_fid))
     ax.set_xlabel("tuning iteration")
     ax.set_ylabel("FID (EMA weights; lower is better)")
-    ax.set_title(f"{res.sweep}: FID during training ({len(res.trials)} trials)")
+    seeds = "; mean over seeds, min-max band" if multi else ""
+    ax.set_title(f"{res.sweep}: FID during training ({len(res.trials)} trials{seeds})")
     ax.grid(True, which="both", alpha=0.3)
     group_handles = [Line2D([], [], color=c, lw=2, label=g) for g, c in colours.items()]
     step_handles = [Line2D([], [], color="k", ls=_style(k), label=_steps_label(k)) for k in res.fid_steps]

@@ -149,6 +149,22 @@ def test_loader_round_trip(store: tuple[str, Path]) -> None:
 
 
 @pytest.mark.slow
+def test_seed_curves_average_each_group_over_its_seeds(store: tuple[str, Path]) -> None:
+    from dashboards.loader import load_sweep
+    from dashboards.plots import seed_curves
+
+    res = load_sweep(store[0], "synth")
+    c = seed_curves(res)
+    assert set(c.n) == {2} and len(c) == 8 * 2 * 4  # 8 groups x 2 samplers x evaluations at 100..400
+    row = c[(c.group == "model_channels=128, ref_batch=1") & (c.k == 2) & (c.step == 300)].iloc[0]
+    h = res.history
+    ids = [t.trial_id for t in res.trials if t.axes["network.model_channels"] == 128 and t.axes["sct.ref_batch"] == 1]
+    vals = h[h.trial_id.isin(ids) & (h.step == 300)]["fid_2step"]
+    assert len(vals) == 2 and vals.iloc[0] != vals.iloc[1]
+    assert (row["mean"], row["min"], row["max"]) == pytest.approx((vals.mean(), vals.min(), vals.max()))
+
+
+@pytest.mark.slow
 def test_unknown_sweep_is_a_one_line_error(store: tuple[str, Path]) -> None:
     from dashboards.loader import ResultsError, load_sweep
 
