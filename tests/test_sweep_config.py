@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sct_sweeps.cli import app
-from sct_sweeps.config import load_spec, parse_spec, storage_root, tracking_uri
+from sct_sweeps.config import SweepSpec, load_spec, parse_spec, storage_root, tracking_uri
 from sct_sweeps.errors import SpecError
 
 GOOD = {
@@ -157,3 +157,49 @@ def test_cli_validate_exits_2_with_one_line(
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert not (project / "mlruns.db").exists() and not (project / "ray_results").exists()
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SWEEP_FILES = sorted(p for p in EXPERIMENTS.glob("*.yaml") if p.name != "fmnist_pretrain.yaml")
+
+
+def _load_here(path: Path) -> SweepSpec | None:
+    """The validated spec; None where only the data (or Inception weights) are missing on this machine."""
+    try:
+        return load_spec(path)
+    except SpecError as e:
+        if "data.root" in str(e) or "inception" in str(e).lower():
+            return None
+        raise
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_every_shipped_sweep_validates(path: Path) -> None:
+    from sct_sweeps.space import plan
+
+    spec = _load_here(path)
+    if spec is None:  # paper targets: the dataset (or the Inception weights) is not on this machine
+        assert path.stem.startswith(("cifar10", "imagenet64")), path
+        return
+    assert spec.name == path.stem and plan(spec, 2).trials >= 1
+
+
+@pytest.mark.parametrize("path", [p for p in SWEEP_FILES if p.stem.startswith("fmnist_")], ids=lambda p: p.stem)
+def test_fashion_mnist_reproductions_plan_at_most_two_hours_on_two_cores(path: Path) -> None:
+    from sct_sweeps.space import plan
+
+    spec = _load_here(path)
+    if spec is None:
+        pytest.skip("Fashion-MNIST files not installed here (make install installs them)")
+    est = plan(spec, 2).est_wall_s
+    assert est is not None and est <= 2 * 3600, est
+
+
+TRAIN_FILES = sorted((EXPERIMENTS / "train").glob("*.yaml")) + [EXPERIMENTS / "fmnist_pretrain.yaml"]
+
+
+@pytest.mark.parametrize("path", TRAIN_FILES, ids=lambda p: p.stem)
+def test_every_shipped_training_config_validates(path: Path) -> None:
+    from trainer.config import load_train_config
+
+    assert load_train_config(path).iterations >= 1
