@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def plot_fid_curves(res: SweepResults, path: Path) -> Path:
     axes = group_axes(res)
     labels = {t.trial_id: group_label(t, axes) for t in res.trials}
     colours = group_colours(list(labels.values()))
-    multi = {g for g in labels.values() if list(labels.values()).count(g) > 1}
+    multi = {g for g, n in Counter(labels.values()).items() if n > 1}  # groups of several seeds
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
     all_fid = []

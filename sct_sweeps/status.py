@@ -19,11 +19,7 @@ from sct_sweeps.record import list_sweeps, load_record
 def _analysis(results_dir: str) -> Any:
     from ray.tune import ExperimentAnalysis
 
-    if not (Path(results_dir) / "experiment_state.json").exists() and not list(
-        Path(results_dir).glob("experiment_state*.json")
-    ):
-        return None
-    return ExperimentAnalysis(results_dir)
+    return None if _newest_state_file(results_dir) is None else ExperimentAnalysis(results_dir)
 
 
 def _newest_state_file(results_dir: str) -> Path | None:

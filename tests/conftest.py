@@ -25,6 +25,7 @@ import time  # noqa: E402
 import urllib.request  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -242,6 +243,30 @@ def tiny_spec(name: str, pretrain_cache: Path, seeds: list[int] | None = None, i
         "resources": {"cpu": 1},
         "pretrain_cache": str(pretrain_cache),
     }
+
+
+@contextmanager
+def driver_process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """`sct-sweep` (or any command) running with its output in `log`; killed on the way out if still alive."""
+    with open(log, "wb") as out:
+        driver = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            yield driver
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+
+
+def assert_continued_or_finished_first(run: Any, resumed_at_ms: int) -> None:
+    """A trial run interrupted by a driver kill: either it went on from its Ray checkpoint (second attempt,
+    from step >= 10), or its worker outlived the driver long enough to finish before the resume began,
+    and the resume handed Ray that result (one attempt)."""
+    tags = run.data.tags
+    if "sct.resumed_from" in tags:
+        assert tags["sct.attempts"] == "2" and int(tags["sct.resumed_from"]) >= 10, tags
+    else:
+        assert tags["sct.attempts"] == "1" and run.info.end_time < resumed_at_ms, tags
 
 
 def assert_no_duplicate_steps(client: Any, run: Any) -> None:

@@ -29,15 +29,20 @@ GOOD = {
 }
 
 
-def _with(path: str, value: object) -> str:
-    """GOOD as YAML text with the setting at slash-separated `path` replaced."""
-    raw = yaml.safe_load(yaml.safe_dump(GOOD))
+def _replaced(base: dict, path: str, value: object) -> dict:
+    """A deep copy of `base` with the setting at slash-separated `path` replaced."""
+    raw = yaml.safe_load(yaml.safe_dump(base))
     *parents, leaf = path.split("/")
     node = raw
     for p in parents:
         node = node.setdefault(p, {})
     node[leaf] = value
-    return yaml.safe_dump(raw)
+    return raw
+
+
+def _with(path: str, value: object) -> str:
+    """GOOD as YAML text with the setting at slash-separated `path` replaced."""
+    return yaml.safe_dump(_replaced(GOOD, path, value))
 
 
 def _axis_data_root(roots: list[str]) -> str:
@@ -133,13 +138,7 @@ TRAIN_OK = {
 
 
 def _train_with(path: str, value: object) -> dict:
-    raw = yaml.safe_load(yaml.safe_dump(TRAIN_OK))
-    *parents, leaf = path.split("/")
-    node = raw
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-    return raw
+    return _replaced(TRAIN_OK, path, value)
 
 
 TRAIN_CASES = [

@@ -11,13 +11,12 @@ import json
 import math
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_no_duplicate_steps, child_runs, processes_under, sct_sweep, tiny_spec
+from conftest import assert_no_duplicate_steps, child_runs, driver_process, processes_under, sct_sweep, tiny_spec
 
 from sct_sweeps import tracking
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -117,10 +116,8 @@ def test_trial_faults_do_not_stop_the_sweep(
     spec = tmp_path / "faults.yaml"
     spec.write_text(yaml.safe_dump(raw))
     results = Path(cli_env["SCT_PROJECT_DIR"]) / "ray_results" / "faults"
-    log = open(tmp_path / "driver.log", "wb")
     cmd = [sct_sweep(), "run", str(spec), "--tracking-uri", uri, "--num-cpus", "2", "--no-report"]
-    driver = subprocess.Popen(cmd, env=cli_env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with driver_process(cmd, cli_env, tmp_path / "driver.log") as driver:
         deadline, killed = time.time() + 300, (-1, -1)
         while time.time() < deadline and driver.poll() is None and killed[0] < 0:
             if not (results / "sct_sweep.json").exists():  # the driver creates the store first: no race
@@ -133,11 +130,6 @@ def test_trial_faults_do_not_stop_the_sweep(
             time.sleep(0.1)
         assert killed[0] > 0, "the trial was never caught mid-run:\n" + (tmp_path / "driver.log").read_text()[-3000:]
         driver.wait(timeout=400)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        log.close()
     out = (tmp_path / "driver.log").read_text()
     assert driver.returncode == 0, out[-3000:]  # one failed trial of two: the sweep still reports
     assert "sweep faults: 2 trials, 1 failed" in out and "sct-sweep status faults" in out, out[-3000:]
