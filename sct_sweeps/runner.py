@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def _check_server(uri: str) -> None:
 
 
 def _open_store(uri: str, spec: SweepSpec) -> tuple[Any, str]:
-    _check_server(uri)
+    """The MLflow client and the sweep's experiment id (created if new); TrackingError if unusable."""
     try:
         client = tracking.client(uri)
         exp_id = tracking.ensure_experiment(client, spec.name, artifact_root(spec) if tracking.is_local(uri) else None)
@@ -207,9 +208,12 @@ def run_sweep(
     uri = tracking_uri(spec, uri)
     if not address:
         check_local_gpu(spec)
-    client, exp_id = _open_store(uri, spec)
-    start_ray(address, num_cpus)
+    _check_server(uri)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
+        opening = pool.submit(_open_store, uri, spec)  # MLflow's import and migrations overlap Ray's start
+        start_ray(address, num_cpus)
     try:
+        client, exp_id = opening.result()
         resources = trial_resources(spec)
         text = spec_yaml(spec)
         parent = tracking.start_parent_run(

@@ -13,6 +13,7 @@ import sys
 from sct_sweeps.config import SweepSpec
 from sct_sweeps.errors import ClusterError, ResourceError
 from sct_sweeps.space import trial_count
+from trainer.heap import heap_env
 
 OBJECT_STORE_BYTES = 256 * 1024**2  # trials exchange only metrics and checkpoint paths
 
@@ -38,6 +39,8 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)
+    for key, value in heap_env().items():  # Ray's workers inherit them (trainer/heap.py); the user's win
+        os.environ.setdefault(key, value)
     import ray
 
     ray.init(

@@ -273,3 +273,38 @@ def test_cuda_training_with_dataset_on_host(digits_run: Path, monkeypatch) -> No
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rep.rows if "loss" in r)
     assert {d.type for name, d in seen if name == "dataset"} == {"cpu"}
     assert {d.type for name, d in seen if name in ("refs", "model", "loss")} == {"cuda"}
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from trainer.config import NetworkConfig
+from trainer.networks import build_network
+from trainer.heap import keep_freed_memory
+torch.set_num_threads(1)
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+torch.manual_seed(0)
+net = build_network(NetworkConfig(model_channels=16, channel_mult=[1, 2], num_blocks=1), 16, 1, 10)
+x, sigma = torch.randn(64, 1, 16, 16), torch.rand(64)
+def step():
+    net(x, sigma, None).square().mean().backward()
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc heap tuning is Linux-only")
+def test_cpu_steps_reuse_freed_memory_instead_of_faulting_it_in_again() -> None:
+    """After keep_freed_memory a training step's activations come from memory the last step freed."""
+
+    def faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        kept, n = out.stdout.split()
+        return kept, int(n)
+
+    (kept, with_kept), (_, default) = faults("keep"), faults("default")
+    assert kept == "True"
+    assert with_kept < default / 4, (with_kept, default)

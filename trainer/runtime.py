@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from trainer.errors import DeviceError
+from trainer.heap import keep_freed_memory
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -34,7 +35,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def configure_backend(device: torch.device) -> None:
-    """Allow TF32 matmuls on CUDA (fp32 storage, faster tensor cores)."""
+    """CPU: reuse freed tensor memory between steps (trainer/heap.py); CUDA: allow TF32 matmuls."""
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
