@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_map
 from trainer.config import TrainConfig
 from trainer.data import load_dataset
 from trainer.ema import Ema
+from trainer.heap import keep_freed_memory
 from trainer.metrics.flops import count_flops
 from trainer.target import reference_set, sct_x0_offset
 from trainer.train import build_model
@@ -184,6 +185,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="op-category profile of the ECT and SCT n=512 steps")
     args = ap.parse_args()
     threads = set_threads(args.threads)
+    keep_freed_memory()  # as train.py does on CPU (trainer/heap.py)
     info = conditions(threads)
     print_conditions(info)
     torch.manual_seed(0)

@@ -174,23 +174,29 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
     """Run the sweep with the real runner; wall time, its parts and per-trial times from Ray's results."""
     from ray.tune import ExperimentAnalysis
 
+    from sct_sweeps import tracking
     from sct_sweeps.config import parse_spec
     from sct_sweeps.runner import run_sweep
 
     spec = parse_spec(spec_raw, "bench")
     monitor = CpuMonitor()
     monitor.start()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, started = time.perf_counter(), time.process_time(), time.time()
     outcome = run_sweep(spec, None, None, cpus, progress=False)
-    wall, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, driver_cpu, ended = time.perf_counter() - t0, time.process_time() - c0, time.time()
     cpu = {**monitor.stop(), "driver": driver_cpu}
+    rec = outcome.record
+    runs = tracking.client(rec.tracking_uri).search_runs(
+        [rec.experiment_id], filter_string=f"tags.`{tracking.PARENT}` = '{rec.parent_run_id}'")
+    first_run = min(r.info.start_time for r in runs) / 1e3 - started  # a trial's MLflow run exists: it trains
+    last_end = ended - max(r.info.end_time for r in runs) / 1e3
     trials = []
     for t in ExperimentAnalysis(outcome.record.results_dir).trials:
         r = t.last_result or {}
         trials.append({"total": float(r.get("time_total_s", 0.0)), "loop": float(r.get("wall_s", 0.0)),
                        "eval": float(r.get("eval_s", 0.0)), "status": t.status})
     return {"wall": wall, "pretrain": outcome.pretrain_s, "slots": outcome.slots, "errors": outcome.errors,
-            "trials": trials, "cpu": cpu}
+            "trials": trials, "cpu": cpu, "first_run": first_run, "last_end": last_end}
 
 
 def measure(trials: int, iterations: int, channels: int, cpus: int, baseline: bool = True,
@@ -249,6 +255,9 @@ def report(res: dict[str, Any], cpus: int) -> None:
         {"what": "  per-trial set-up inside the trial: median / max (first trial of a worker)",
          "s": f"{median(setup_in_trial):.2f} / {max(setup_in_trial):.2f}"},
         {"what": "  rest: worker start, scheduling, MLflow parent run, stragglers", "s": f"{gaps:.1f}"},
+        {"what": "  start-up: run_sweep called → first trial's MLflow run created (Ray, store, worker imports)",
+         "s": f"{sw['first_run']:.1f}"},
+        {"what": "  tear-down: last trial's MLflow run ended → run_sweep returns", "s": f"{sw['last_end']:.1f}"},
     ]
     if res["seq1"]:
         s1 = sum(t["total"] for t in res["seq1"])

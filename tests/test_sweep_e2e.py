@@ -110,3 +110,26 @@ def test_optuna_sweep_with_asha(tmp_path: Path, cli_env: dict[str, str], pretrai
     from ray.tune import ExperimentAnalysis
 
     assert [t.status for t in ExperimentAnalysis(str(results)).trials] == ["TERMINATED"] * 4
+
+
+def test_embedded_ray_workers_start_with_the_trainers_heap_settings(
+    ray_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial's process is started with trainer/heap.py's environment (one arena, freed heap kept)."""
+    import os
+
+    import ray
+
+    from sct_sweeps.session import start_ray, stop_ray
+    from trainer.heap import heap_env
+
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    for key in heap_env():
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # a user's own setting wins
+    start_ray(None, 1)
+    try:
+        seen = ray.get(ray.remote(num_cpus=1)(lambda: {k: os.environ.get(k) for k in heap_env()}).remote())
+    finally:
+        stop_ray()
+    assert seen == {**heap_env(), "MALLOC_TRIM_THRESHOLD_": "12345"}
