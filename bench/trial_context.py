@@ -1,0 +1,138 @@
+"""Where a sweep trial's training time goes: the same trials in five contexts, from bare to the full runner.
+
+    python bench/trial_context.py [--trials 4] [--iterations 300] [--channels 16] [--rounds 2]
+
+The trials are bench/sweep_overhead.py's (digits SCT, fixed work, one evaluation at the end, seeds
+0..N−1). Each context runs all of them, 2 at a time except the first; the figure per trial is the
+trainer's own loop + evaluation time (`wall_s` + `eval_s`: no imports, no set-up), so the contexts
+differ only in what runs around the training step:
+1. inline — back to back in this process, 1 torch thread;
+2. pool — a pool of 2 plain processes (spawn), no Ray;
+3. ray task — 2 plain Ray tasks at a time in an embedded Ray (the trainer in the worker's main thread);
+4. tune — a bare Ray Tune function trainable (the trainer in Tune's trial thread), no MLflow;
+5. sweep — `sct_sweeps.runner.run_sweep`: Tune + MLflow SQLite logging + checkpoints + our trainable.
+Contexts run in that order, `--rounds` times (load drift shows as round-to-round spread).
+Ratios are medians per context / median inline of the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import conditions, load_average, median, print_conditions, table
+from sweep_overhead import private_project, spec_dict
+
+from trainer.config import TrainConfig
+
+CONTEXTS = ("inline", "pool", "ray task", "tune", "sweep")
+
+
+def train_seconds(cfg: TrainConfig) -> float:
+    """Train `cfg` at 1 torch thread; the trainer's loop + evaluation seconds."""
+    import torch
+
+    from trainer.train import train
+
+    torch.set_num_threads(1)
+    m = train(cfg).metrics
+    return float(m["wall_s"] + m["eval_s"])
+
+
+def _tune_trial(config: dict[str, Any]) -> None:
+    """A bare Tune function trainable: train, report the trainer's seconds."""
+    from ray import tune
+
+    tune.report({"seconds": train_seconds(TrainConfig.model_validate(config["cfg"]))})
+
+
+def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Path) -> list[float]:
+    """Per-trial training seconds of all `cfgs` in context `name` (2 at a time except inline)."""
+    cfgs = [c.model_copy(update={"out_dir": out / name.replace(" ", "_") / f"s{c.seed}"}) for c in cfgs]
+    if name == "inline":
+        return [train_seconds(c) for c in cfgs]
+    if name == "pool":
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(2) as pool:
+            return pool.map(train_seconds, cfgs, chunksize=1)
+    from sct_sweeps.session import start_ray, stop_ray
+
+    if name == "sweep":
+        from ray.tune import ExperimentAnalysis
+
+        from sct_sweeps.config import parse_spec
+        from sct_sweeps.runner import run_sweep
+
+        raw = {**raw, "name": f"{raw['name']}-{time.monotonic_ns()}"}
+        outcome = run_sweep(parse_spec(raw, "bench"), None, None, 2, progress=False)
+        results = [t.last_result for t in ExperimentAnalysis(outcome.record.results_dir).trials]
+        return [float(r["wall_s"] + r["eval_s"]) for r in results]
+    import ray
+    from ray import tune
+
+    start_ray(None, 2)
+    try:
+        if name == "ray task":
+            task = ray.remote(num_cpus=1)(train_seconds)
+            return ray.get([task.remote(c) for c in cfgs])
+        tuner = tune.Tuner(
+            tune.with_resources(_tune_trial, {"cpu": 1}),
+            param_space={"cfg": tune.grid_search([c.model_dump(mode="json") for c in cfgs])},
+            tune_config=tune.TuneConfig(reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=str(out / "tune"), verbose=0),
+        )
+        return [float(r.metrics["seconds"]) for r in tuner.fit()]
+    finally:
+        stop_ray()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--iterations", type=int, default=300, help="tuning iterations per trial")
+    ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    project = private_project()
+    print_conditions(conditions(1))
+    raw = spec_dict("bench_context", args.trials, args.iterations, args.channels)
+    from sct_sweeps.config import override, parse_spec
+
+    base = parse_spec(raw, "bench").base
+    cfgs = [override(base, {"seed": s}) for s in range(args.trials)]
+    seconds: dict[str, list[list[float]]] = {c: [] for c in CONTEXTS}
+    try:
+        for _ in range(args.rounds):
+            for name in CONTEXTS:
+                out = Path(tempfile.mkdtemp(prefix="ctx-", dir=project))
+                seconds[name].append(run_context(name, cfgs, raw, out))
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+    inline = [median(r) for r in seconds["inline"]]
+    rows = []
+    for name in CONTEXTS:
+        per_round = [median(r) for r in seconds[name]]
+        rows.append({
+            "context": name,
+            "s per trial (median), by round": " / ".join(f"{x:.2f}" for x in per_round),
+            "vs inline, by round": " / ".join(f"{x / i:.2f}" for x, i in zip(per_round, inline, strict=True)),
+        })
+    print(f"# {args.trials} digits SCT trials × {args.iterations} iterations (model_channels {args.channels}); "
+          f"trainer loop + evaluation seconds per trial; 2 at a time except inline; {args.rounds} rounds")
+    print(table(rows))
+    print(f"# load (after): {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
