@@ -191,7 +191,7 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
     first_run = min(r.info.start_time for r in runs) / 1e3 - started  # a trial's MLflow run exists: it trains
     last_end = ended - max(r.info.end_time for r in runs) / 1e3
     trials = []
-    for t in ExperimentAnalysis(outcome.record.results_dir).trials:
+    for t in ExperimentAnalysis(rec.results_dir).trials:
         r = t.last_result or {}
         trials.append({"total": float(r.get("time_total_s", 0.0)), "loop": float(r.get("wall_s", 0.0)),
                        "eval": float(r.get("eval_s", 0.0)), "status": t.status})

@@ -63,8 +63,6 @@ def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Pa
 
         with mp.get_context("spawn").Pool(2) as pool:
             return pool.map(train_seconds, cfgs, chunksize=1)
-    from sct_sweeps.session import start_ray, stop_ray
-
     if name == "sweep":
         from ray.tune import ExperimentAnalysis
 
@@ -77,6 +75,8 @@ def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Pa
         return [float(r["wall_s"] + r["eval_s"]) for r in results]
     import ray
     from ray import tune
+
+    from sct_sweeps.session import start_ray, stop_ray
 
     start_ray(None, 2)
     try:

@@ -1,10 +1,11 @@
 """The process heap of a CPU training run: reuse what the last step freed (glibc; docs/benchmarks.md §1).
 
 By default glibc serves large tensors with fresh mmaps and gives freed heap back to the OS, so every
-training step faults in (and the kernel zeroes) its activations again: ~5 % of a digits step's CPU
+training step faults in (and the kernel zeroes) its activations again: ~6 % of a digits step's CPU
 time as system time, plus memory bandwidth two concurrent trials share. A Ray trial runs in a
-non-main thread, whose own malloc arena gives memory back between steps even with these settings;
-`heap_env` therefore also asks for one arena, which only works before the process starts.
+non-main thread, which glibc gives its own arena: separate heaps of at most 64 MiB that are unmapped
+when they empty. `heap_env` therefore also asks for one arena, which only works before the process
+starts (bench/heap_reuse.py compares the variants).
 """
 
 from __future__ import annotations
