@@ -15,7 +15,12 @@ from sct_sweeps.errors import ClusterError, ResourceError
 from sct_sweeps.space import trial_count
 from trainer.heap import heap_env
 
+log = logging.getLogger(__name__)
+
 OBJECT_STORE_BYTES = 256 * 1024**2  # trials exchange only metrics and checkpoint paths
+# Ray starts one idle worker per CPU for the first driver; Tune's trial actors carry a runtime env
+# (env_vars) and never use them, so they only cost start-up CPU and idle polling (docs/benchmarks.md §2).
+EMBEDDED_RAY_ENV = {"RAY_prestart_worker_first_driver": "0"}
 
 
 def _ray_log_level() -> int:
@@ -39,7 +44,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)
-    for key, value in heap_env().items():  # Ray's workers inherit them (trainer/heap.py); the user's win
+    for key, value in {**EMBEDDED_RAY_ENV, **heap_env()}.items():  # Ray's processes inherit them; the user's win
         os.environ.setdefault(key, value)
     import ray
 
@@ -58,7 +63,20 @@ def stop_ray() -> None:
         import ray
 
         if ray.is_initialized():
+            _kill_autoscaler_monitor()
             ray.shutdown()
+
+
+def _kill_autoscaler_monitor() -> None:
+    """Embedded Ray: end its autoscaler monitor at once. `ray.shutdown` sends it SIGTERM and waits the
+    full second before SIGKILL (docs/benchmarks.md §2); it has nothing to save. No-op on a cluster."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    try:  # only processes this driver started are in the node's table
+        node.kill_monitor(check_alive=False)  # type: ignore[union-attr]
+    except Exception as e:  # a private API: if Ray changes it, shutdown just takes a second longer
+        log.debug("could not end Ray's autoscaler monitor early: %s", e)
 
 
 def check_local_gpu(spec: SweepSpec) -> None:

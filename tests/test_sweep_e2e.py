@@ -133,3 +133,51 @@ def test_embedded_ray_workers_start_with_the_trainers_heap_settings(
     finally:
         stop_ray()
     assert seen == {**heap_env(), "MALLOC_TRIM_THRESHOLD_": "12345"}
+
+
+def _children(pid: int) -> list[tuple[int, bytes]]:
+    """(pid, command line) of the live child processes of `pid`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append((int(d.name), (d / "cmdline").read_bytes()))
+        except OSError:
+            continue
+    return out
+
+
+def test_embedded_ray_prestarts_no_idle_workers_and_stops_every_process(
+    ray_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No idle workers for Tune's actors to ignore; a task still gets a worker; the autoscaler monitor
+    ends at once (before `ray.shutdown`, which would wait a second for it); nothing survives `stop_ray`."""
+    import os
+    import time
+
+    import ray
+    from ray._private import worker
+
+    from sct_sweeps.session import EMBEDDED_RAY_ENV, _kill_autoscaler_monitor, start_ray, stop_ray
+
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    for key in EMBEDDED_RAY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    start_ray(None, 2)
+    try:
+        assert {k: os.environ.get(k) for k in EMBEDDED_RAY_ENV} == EMBEDDED_RAY_ENV
+        started = {kind: [i.process for i in infos] for kind, infos in worker._global_node.all_processes.items()}
+        assert "monitor" in started, "the autoscaler monitor this test expects Ray to start"
+        time.sleep(3)  # Ray forks its prestarted workers while ray.init returns
+        raylet = started["raylet"][0].pid
+        idle = [pid for pid, cmd in _children(raylet) if cmd.startswith(b"ray::IDLE")]
+        task = ray.remote(num_cpus=1)(lambda: os.getpid())
+        assert ray.get(task.remote()) != os.getpid()
+        _kill_autoscaler_monitor()  # what stop_ray does first: the monitor is gone at once, Ray still works
+        assert started["monitor"][0].poll() is not None
+        assert started["raylet"][0].poll() is None and ray.get(task.remote()) != os.getpid()
+    finally:
+        stop_ray()
+    assert idle == [], f"Ray prestarted idle workers {idle}"
+    running = {kind: [p.pid for p in procs if p.poll() is None] for kind, procs in started.items()}
+    assert not any(running.values()), f"still running after stop_ray: {running}"
