@@ -12,17 +12,20 @@ differ only in what runs around the training step:
 4. tune — a bare Ray Tune function trainable (the trainer in Tune's trial thread), no MLflow;
 5. sweep — `sct_sweeps.runner.run_sweep`: Tune + MLflow SQLite logging + checkpoints + our trainable.
 Contexts run in that order, `--rounds` times (load drift shows as round-to-round spread).
-Ratios are medians per context / median inline of the same round.
+Ratios are medians per context / median inline of the same round. Also per trial: how often the
+training thread was preempted (involuntary context switches, Linux; not known for the sweep context).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,26 +38,37 @@ from trainer.config import TrainConfig
 CONTEXTS = ("inline", "pool", "ray task", "tune", "sweep")
 
 
-def train_seconds(cfg: TrainConfig) -> float:
-    """Train `cfg` at 1 torch thread; the trainer's loop + evaluation seconds."""
+def preemptions() -> int:
+    """Involuntary context switches of the calling thread so far (Linux; 0 where /proc has none)."""
+    try:
+        status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(x.split(":")[1]) for x in status.splitlines() if x.startswith("nonvoluntary_ctxt")), 0)
+
+
+def train_seconds(cfg: TrainConfig) -> dict[str, float]:
+    """Train `cfg` at 1 torch thread; the trainer's loop + evaluation seconds, and how often the
+    training thread was preempted meanwhile."""
     import torch
 
     from trainer.train import train
 
     torch.set_num_threads(1)
+    before = preemptions()
     m = train(cfg).metrics
-    return float(m["wall_s"] + m["eval_s"])
+    return {"seconds": float(m["wall_s"] + m["eval_s"]), "preempted": float(preemptions() - before)}
 
 
 def _tune_trial(config: dict[str, Any]) -> None:
     """A bare Tune function trainable: train, report the trainer's seconds."""
     from ray import tune
 
-    tune.report({"seconds": train_seconds(TrainConfig.model_validate(config["cfg"]))})
+    tune.report(train_seconds(TrainConfig.model_validate(config["cfg"])))
 
 
-def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Path) -> list[float]:
-    """Per-trial training seconds of all `cfgs` in context `name` (2 at a time except inline)."""
+def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Path) -> list[dict[str, float]]:
+    """Per-trial `train_seconds` of all `cfgs` in context `name` (2 at a time except inline)."""
     cfgs = [c.model_copy(update={"out_dir": out / name.replace(" ", "_") / f"s{c.seed}"}) for c in cfgs]
     if name == "inline":
         return [train_seconds(c) for c in cfgs]
@@ -72,7 +86,7 @@ def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Pa
         raw = {**raw, "name": f"{raw['name']}-{time.monotonic_ns()}"}
         outcome = run_sweep(parse_spec(raw, "bench"), None, None, 2, progress=False)
         results = [t.last_result for t in ExperimentAnalysis(outcome.record.results_dir).trials]
-        return [float(r["wall_s"] + r["eval_s"]) for r in results]
+        return [{"seconds": float(r["wall_s"] + r["eval_s"]), "preempted": math.nan} for r in results]
     import ray
     from ray import tune
 
@@ -89,7 +103,7 @@ def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Pa
             tune_config=tune.TuneConfig(reuse_actors=True),
             run_config=tune.RunConfig(storage_path=str(out / "tune"), verbose=0),
         )
-        return [float(r.metrics["seconds"]) for r in tuner.fit()]
+        return [{k: float(r.metrics[k]) for k in ("seconds", "preempted")} for r in tuner.fit()]
     finally:
         stop_ray()
 
@@ -110,7 +124,7 @@ def main() -> None:
 
     base = parse_spec(raw, "bench").base
     cfgs = [override(base, {"seed": s}) for s in range(args.trials)]
-    seconds: dict[str, list[list[float]]] = {c: [] for c in CONTEXTS}
+    seconds: dict[str, list[list[dict[str, float]]]] = {c: [] for c in CONTEXTS}
     try:
         for _ in range(args.rounds):
             for name in CONTEXTS:
@@ -119,14 +133,19 @@ def main() -> None:
     finally:
         shutil.rmtree(project, ignore_errors=True)
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
-    inline = [median(r) for r in seconds["inline"]]
+    def per_round(name: str, key: str) -> list[float]:
+        return [median([t[key] for t in r]) for r in seconds[name]]
+
+    inline = per_round("inline", "seconds")
     rows = []
     for name in CONTEXTS:
-        per_round = [median(r) for r in seconds[name]]
+        secs, pre = per_round(name, "seconds"), per_round(name, "preempted")
         rows.append({
             "context": name,
-            "s per trial (median), by round": " / ".join(f"{x:.2f}" for x in per_round),
-            "vs inline, by round": " / ".join(f"{x / i:.2f}" for x, i in zip(per_round, inline, strict=True)),
+            "s per trial (median), by round": " / ".join(f"{x:.2f}" for x in secs),
+            "vs inline, by round": " / ".join(f"{x / i:.2f}" for x, i in zip(secs, inline, strict=True)),
+            "preemptions per s of training, by round": " / ".join(
+                "–" if math.isnan(p) else f"{p / x:.0f}" for p, x in zip(pre, secs, strict=True)),
         })
     print(f"# {args.trials} digits SCT trials × {args.iterations} iterations (model_channels {args.channels}); "
           f"trainer loop + evaluation seconds per trial; 2 at a time except inline; {args.rounds} rounds")
