@@ -56,18 +56,21 @@ def stop_pid(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         proc.wait(timeout=10)
 
 
-def processes_under(marker: str) -> list[int]:
-    """PIDs of live processes whose command line mentions `marker` (a private temp dir of one test)."""
+def processes_under(marker: str, parent: int | None = None) -> list[int]:
+    """PIDs of live processes whose command line mentions `marker` (a private temp dir of one test,
+    or a Ray process title such as `ray::IDLE`), only children of `parent` if given."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = next((ln for ln in (entry / "status").read_text().splitlines() if ln.startswith("State:")), "")
+            status = (entry / "status").read_text().splitlines()
         except OSError:
             continue
-        if marker in cmdline and "zombie" not in state:
+        state = next((ln for ln in status if ln.startswith("State:")), "")
+        ppid = next((int(ln.split()[1]) for ln in status if ln.startswith("PPid:")), None)
+        if marker in cmdline and "zombie" not in state and parent in (None, ppid):
             pids.append(int(entry.name))
     return pids
 

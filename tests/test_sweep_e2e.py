@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_no_duplicate_steps, sct_sweep, tiny_spec
+from conftest import assert_no_duplicate_steps, processes_under, sct_sweep, tiny_spec
 
 from sct_sweeps import tracking
 
@@ -135,18 +135,6 @@ def test_embedded_ray_workers_start_with_the_trainers_heap_settings(
     assert seen == {**heap_env(), "MALLOC_TRIM_THRESHOLD_": "12345"}
 
 
-def _children(pid: int) -> list[tuple[int, bytes]]:
-    """(pid, command line) of the live child processes of `pid`."""
-    out = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append((int(d.name), (d / "cmdline").read_bytes()))
-        except OSError:
-            continue
-    return out
-
-
 def test_embedded_ray_prestarts_no_idle_workers_and_stops_every_process(
     ray_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -170,7 +158,7 @@ def test_embedded_ray_prestarts_no_idle_workers_and_stops_every_process(
         assert "monitor" in started, "the autoscaler monitor this test expects Ray to start"
         time.sleep(3)  # Ray forks its prestarted workers while ray.init returns
         raylet = started["raylet"][0].pid
-        idle = [pid for pid, cmd in _children(raylet) if cmd.startswith(b"ray::IDLE")]
+        idle = processes_under("ray::IDLE", parent=raylet)
         task = ray.remote(num_cpus=1)(lambda: os.getpid())
         assert ray.get(task.remote()) != os.getpid()
         _kill_autoscaler_monitor()  # what stop_ray does first: the monitor is gone at once, Ray still works
