@@ -33,9 +33,9 @@ VARIANTS = {
     "kept, main thread (python -m trainer)": (True, False, False),
     "default heap, trial thread": (False, True, False),
     "kept, trial thread": (True, True, False),
-    "kept + one arena, trial thread (sweep)": (True, True, True),
+    "kept + heap_env at start, trial thread (sweep)": (True, True, True),
 }
-PAIRED = ("default heap, trial thread", "kept + one arena, trial thread (sweep)")
+PAIRED = ("default heap, trial thread", "kept + heap_env at start, trial thread (sweep)")
 
 
 def child(keep: bool, in_thread: bool, steps: int, channels: int, batch: int) -> None:

@@ -1,7 +1,7 @@
 """Sweep overhead: an N-trial sweep of fixed work vs. the same trials back to back in one process.
 
     python bench/sweep_overhead.py [--trials 8] [--iterations 150] [--channels 16] [--cpus 2]
-                                   [--threaded] [--no-parallel]
+                                   [--threaded] [--no-parallel] [--rounds 1]
 
 The trials are tiny digits SCT trials (no pretraining, fixed iterations, one evaluation at the end,
 seeds 0..N−1). The sweep is the real thing: `sct_sweeps.runner.run_sweep` (embedded Ray, MLflow
@@ -14,6 +14,9 @@ cpus) and with `cpus` threads (running them by hand, one after another; skipped 
 `cpus` plain processes at 1 thread (by hand in parallel, no Ray or MLflow: the hardware's floor for
 concurrent trials). Half of the back-to-back baseline
 trials run before the sweep and half after it, so a drift of the machine's load cancels.
+With --rounds R the whole measurement repeats R times in one project (round 1 creates the MLflow
+store, later rounds find it, as a user's second sweep does) and a last table gives every round's
+ratios and their medians: the machine's speed drifts over minutes, so one round's ratio is noisy.
 
 Reported: Ray start-up and shutdown (timed alone first), per-trial set-up inside a trial (Ray's
 time_total_s minus the trainer's own loop and evaluation time), the gaps between trials (worker
@@ -25,8 +28,10 @@ workers — read from /proc, plus the driver) over the CPU seconds of the inline
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -39,6 +44,29 @@ import torch
 from common import OVERSUBSCRIBED, conditions, load_average, make_step, median, oversubscribed, print_conditions, table
 
 from trainer.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """CPU seconds in user and kernel mode and minor page faults of a process (or a sum of them)."""
+
+    user: float
+    system: float
+    minflt: int
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+    @staticmethod
+    def since(before: resource.struct_rusage) -> Usage:
+        """This process's usage since the `getrusage` snapshot `before`."""
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        return Usage(now.ru_utime - before.ru_utime, now.ru_stime - before.ru_stime, now.ru_minflt - before.ru_minflt)
+
+    @staticmethod
+    def total(parts: list[Usage]) -> Usage:
+        return Usage(sum(u.user for u in parts), sum(u.system for u in parts), sum(u.minflt for u in parts))
 
 
 def spec_dict(name: str, trials: int, iterations: int, channels: int) -> dict[str, Any]:
@@ -89,10 +117,11 @@ def run_trials_inline(cfgs: list[TrainConfig], threads: int, out: Path) -> list[
     try:
         for cfg in cfgs:
             cfg = cfg.model_copy(update={"out_dir": out / f"t{threads}-s{cfg.seed}"})
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0, c0, r0 = time.perf_counter(), time.thread_time(), resource.getrusage(resource.RUSAGE_SELF)
             res = train(cfg)
-            total, cpu = time.perf_counter() - t0, time.thread_time() - c0
-            rows.append({"total": total, "cpu": cpu, "loop": res.metrics["wall_s"], "eval": res.metrics["eval_s"]})
+            total, cpu, usage = time.perf_counter() - t0, time.thread_time() - c0, Usage.since(r0)
+            rows.append({"total": total, "cpu": cpu, "loop": res.metrics["wall_s"], "eval": res.metrics["eval_s"],
+                         "usage": usage})
     finally:
         torch.set_num_threads(old)
     return rows
@@ -103,9 +132,9 @@ def _train_one(cfg: TrainConfig) -> dict[str, float]:
     from trainer.train import train
 
     torch.set_num_threads(1)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, r0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     train(cfg)
-    return {"total": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+    return {"total": time.perf_counter() - t0, "cpu": time.process_time() - c0, "usage": Usage.since(r0)}
 
 
 def run_trials_parallel(cfgs: list[TrainConfig], procs: int, out: Path) -> dict[str, Any]:
@@ -124,13 +153,14 @@ def run_trials_parallel(cfgs: list[TrainConfig], procs: int, out: Path) -> dict[
 
 
 class CpuMonitor(threading.Thread):
-    """CPU seconds of every process descended from this one (Ray's GCS, raylet, workers, ...), read from
-    /proc every `every` seconds while running (Linux). The last < `every` s of a process are missed."""
+    """CPU seconds (and system-time share, minor page faults) of every process descended from this one
+    (Ray's GCS, raylet, workers, ...), read from /proc every `every` seconds while running (Linux).
+    The last < `every` s of a process are missed."""
 
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.every, self.root, self.tick = every, os.getpid(), os.sysconf("SC_CLK_TCK")
-        self.cpu: dict[tuple[int, int], float] = {}  # (pid, start time) -> CPU seconds seen last
+        self.usage: dict[tuple[int, int], Usage] = {}  # (pid, start time) -> as seen last
         self.names: dict[tuple[int, int], str] = {}
         self._done = threading.Event()
 
@@ -142,19 +172,22 @@ class CpuMonitor(threading.Thread):
                     f = (d / "stat").read_text().rsplit(")", 1)[1].split()
                 except OSError:
                     continue
-                procs[int(d.name)] = (int(f[1]), int(f[11]) + int(f[12]), int(f[19]))  # ppid, utime+stime, start
+                usage = Usage(int(f[11]) / self.tick, int(f[12]) / self.tick, int(f[7]))  # utime, stime, minflt
+                procs[int(d.name)] = (int(f[1]), usage, int(f[19]))  # ppid, usage, start time
         for pid, (ppid, _, _) in procs.items():
             p, depth = ppid, 0
             while p not in (self.root, 0, 1) and p in procs and depth < 20:
                 p, depth = procs[p][0], depth + 1
             if p == self.root and pid != self.root:
                 key = (pid, procs[pid][2])
-                self.cpu[key] = procs[pid][1] / self.tick
+                self.usage[key] = procs[pid][1]
                 try:  # a worker renames itself `ray::<trainable>` after start: keep the latest name
                     cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
                     continue
-                worker = "default_worker.py" in cmd or (cmd.startswith("ray::") and "Agent" not in cmd)
+                program = cmd.split(" ", 1)[0]  # the raylet's arguments name default_worker.py too
+                worker = program.endswith("python") and "default_worker.py" in cmd
+                worker = worker or (cmd.startswith("ray::") and "Agent" not in cmd)
                 if worker or key not in self.names:
                     self.names[key] = "ray::worker" if worker else cmd
 
@@ -162,12 +195,15 @@ class CpuMonitor(threading.Thread):
         while not self._done.wait(self.every):
             self.snapshot()
 
-    def stop(self) -> dict[str, float]:
-        """Stop; CPU seconds of trial workers (`ray::...`) and of the other (Ray system) processes."""
+    def stop(self) -> dict[str, Any]:
+        """Stop; CPU seconds of trial workers (`ray::...`) and of the other (Ray system) processes, and
+        the workers' summed usage."""
         self._done.set()
         self.join()
-        work = sum(c for k, c in self.cpu.items() if self.names.get(k) == "ray::worker")
-        return {"workers": work, "ray_system": sum(self.cpu.values()) - work}
+        work = [u for k, u in self.usage.items() if self.names.get(k) == "ray::worker"]
+        total = sum(u.cpu for u in self.usage.values())
+        workers = Usage.total(work)
+        return {"workers": workers.cpu, "ray_system": total - workers.cpu, "workers_usage": workers}
 
 
 def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
@@ -238,8 +274,12 @@ def probe_step(cfg: TrainConfig) -> Any:
     return make_step(cfg.method, cfg.sct.ref_batch, cfg, model, data, opt, cfg.optim.batch_size)
 
 
-def report(res: dict[str, Any], cpus: int) -> None:
-    """Print the overhead table of one `measure` result."""
+def _usage_text(u: Usage, trials: int) -> str:
+    return f"{u.system / max(u.cpu, 1e-9):.1%}, {u.minflt / max(trials, 1):,.0f}"
+
+
+def report(res: dict[str, Any], cpus: int) -> dict[str, float]:
+    """Print the overhead table of one `measure` result; return its headline ratios."""
     sw = res["sweep"]
     cpu = sw["cpu"]
     n = len(sw["trials"])
@@ -259,11 +299,15 @@ def report(res: dict[str, Any], cpus: int) -> None:
          "s": f"{sw['first_run']:.1f}"},
         {"what": "  tear-down: last trial's MLflow run ended → run_sweep returns", "s": f"{sw['last_end']:.1f}"},
     ]
+    headline = {"sweep wall (s)": sw["wall"], "Ray start + shutdown (s)": ray_total}
     if res["seq1"]:
         s1 = sum(t["total"] for t in res["seq1"])
         c1 = sum(t["cpu"] for t in res["seq1"])
         inline_setup = [t["total"] - t["loop"] - t["eval"] for t in res["seq1"]]
         ideal = s1 / cpus
+        headline.update({"ideal (s)": ideal, "sweep wall / ideal": sw["wall"] / ideal,
+                         "without Ray start/shutdown": (sw["wall"] - ray_total) / ideal,
+                         "trial workers' CPU / inline CPU": cpu["workers"] / c1})
         rows += [
             {"what": "Σ trial time inline, 1 thread (back to back)", "s": f"{s1:.1f}"},
             {"what": "  (its CPU time: the compute, blind to other jobs)", "s": f"{c1:.1f}"},
@@ -276,17 +320,23 @@ def report(res: dict[str, Any], cpus: int) -> None:
             {"what": "**sweep CPU / Σ inline trial CPU (load-blind overhead)**",
              "s": f"**{(cpu['workers'] + cpu['ray_system'] + cpu['driver']) / c1:.2f}**"},
             {"what": "  trial workers' CPU / Σ inline trial CPU", "s": f"{cpu['workers'] / c1:.2f}"},
+            {"what": "  system-CPU share, minor page faults per trial: inline / sweep workers (imports included)",
+             "s": f"{_usage_text(Usage.total([t['usage'] for t in res['seq1']]), len(res['seq1']))} / "
+                  f"{_usage_text(cpu['workers_usage'], n)}"},
             {"what": "  a sweep trial / a trial inline at 1 thread (wall, medians; equal work)",
              "s": f"{median([t['total'] for t in sw['trials']]) / median([t['total'] for t in res['seq1']]):.2f}"},
         ]
         if res["par"] is not None:
             par = res["par"]
             cp = sum(t["cpu"] for t in par["trials"])
+            headline.update({"by hand / ideal": par["wall"] / ideal, "sweep / by hand": sw["wall"] / par["wall"]})
             rows += [
                 {"what": f"by hand in parallel: a pool of {cpus} processes at 1 thread, no Ray/MLflow (wall)",
                  "s": f"{par['wall']:.1f}"},
                 {"what": "  its wall / ideal (what the hardware allows)", "s": f"{par['wall'] / ideal:.2f}"},
                 {"what": "  its trials' CPU / Σ inline trial CPU (sharing caches and memory)", "s": f"{cp / c1:.2f}"},
+                {"what": "  its system-CPU share, minor page faults per trial",
+                 "s": _usage_text(Usage.total([t["usage"] for t in par["trials"]]), len(par["trials"]))},
                 {"what": "**sweep wall / by hand in parallel**", "s": f"**{sw['wall'] / par['wall']:.2f}**"},
             ]
         if res["seqn"]:
@@ -297,6 +347,19 @@ def report(res: dict[str, Any], cpus: int) -> None:
             rows.append({"what": f"by hand at {cpus} threads: skipped, {cpus} threads were {res['over']:.1f}x "
                                  "slower than 1 (other jobs hold the cores)", "s": ""})
     print(f"# {n} trials ({sw['errors']} failed), {sw['slots']} at a time, 1 CPU each")
+    print(table(rows))
+    return headline
+
+
+def report_rounds(headlines: list[dict[str, float]]) -> None:
+    """Print every round's headline figures side by side, with their medians and ranges."""
+    rows = []
+    for key in headlines[0]:
+        xs = [h[key] for h in headlines]
+        fmt = ".1f" if key.endswith("(s)") else ".3f"
+        rows.append({"what": key, **{f"round {i + 1}": format(x, fmt) for i, x in enumerate(xs)},
+                     "median [min–max]": f"{median(xs):{fmt}} [{min(xs):{fmt}}–{max(xs):{fmt}}]"})
+    print(f"# all {len(headlines)} rounds")
     print(table(rows))
 
 
@@ -309,6 +372,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the private project directory")
     ap.add_argument("--threaded", action="store_true", help="also run the trials back to back at --cpus threads")
     ap.add_argument("--no-parallel", action="store_true", help="skip the by-hand process-pool baseline")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole measurement; medians at the end")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     project = private_project()
@@ -316,9 +380,16 @@ def main() -> None:
     print(f"# project {project}; digits, model_channels {args.channels}, 1 block, batch 64, "
           f"{args.iterations} SCT iterations + one 500-sample 1- and 2-step FID per trial")
     try:
-        res = measure(args.trials, args.iterations, args.channels, args.cpus, threaded=args.threaded,
-                      parallel=not args.no_parallel)
-        report(res, args.cpus)
+        headlines = []
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                print(f"## round {r + 1} of {args.rounds} (UTC {time.strftime('%H:%M', time.gmtime())}, "
+                      f"load {load_average()})")
+            res = measure(args.trials, args.iterations, args.channels, args.cpus, name=f"bench_overhead_{r}",
+                          threaded=args.threaded, parallel=not args.no_parallel)
+            headlines.append(report(res, args.cpus))
+        if args.rounds > 1:
+            report_rounds(headlines)
     finally:
         if not args.keep:
             shutil.rmtree(project, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Where a sweep trial's training time goes: the same trials in five contexts, from bare to the full runner.
 
     python bench/trial_context.py [--trials 4] [--iterations 300] [--channels 16] [--rounds 2]
+                                  [--contexts inline,pool,ray task,tune,tune one arena,sweep]
 
 The trials are bench/sweep_overhead.py's (digits SCT, fixed work, one evaluation at the end, seeds
 0..N−1). Each context runs all of them, 2 at a time except the first; the figure per trial is the
@@ -10,8 +11,10 @@ differ only in what runs around the training step:
 2. pool — a pool of 2 plain processes (spawn), no Ray;
 3. ray task — 2 plain Ray tasks at a time in an embedded Ray (the trainer in the worker's main thread);
 4. tune — a bare Ray Tune function trainable (the trainer in Tune's trial thread), no MLflow;
-5. sweep — `sct_sweeps.runner.run_sweep`: Tune + MLflow SQLite logging + checkpoints + our trainable.
-Contexts run in that order, `--rounds` times (load drift shows as round-to-round spread).
+5. tune one arena — the same with MALLOC_ARENA_MAX=1 in Ray's processes (what the sweep used to set);
+6. sweep — `sct_sweeps.runner.run_sweep`: Tune + MLflow SQLite logging + checkpoints + our trainable.
+Each round runs the chosen `--contexts` in that order, rotated by one place per round (round 2
+starts with the second), `--rounds` times (load drift shows as round-to-round spread).
 Ratios are medians per context / median inline of the same round. Also per trial: how often the
 training thread was preempted (involuntary context switches, Linux; not known for the sweep context).
 """
@@ -35,7 +38,8 @@ from sweep_overhead import private_project, spec_dict
 
 from trainer.config import TrainConfig
 
-CONTEXTS = ("inline", "pool", "ray task", "tune", "sweep")
+CONTEXTS = ("inline", "pool", "ray task", "tune", "tune one arena", "sweep")
+_ARENA = os.environ.get("MALLOC_ARENA_MAX")  # the caller's own setting, restored outside "tune one arena"
 
 
 def preemptions() -> int:
@@ -92,6 +96,8 @@ def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Pa
 
     from sct_sweeps.session import start_ray, stop_ray
 
+    if name == "tune one arena":  # Ray's processes inherit this process's environment
+        os.environ["MALLOC_ARENA_MAX"] = "1"
     start_ray(None, 2)
     try:
         if name == "ray task":
@@ -106,6 +112,9 @@ def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Pa
         return [{k: float(r.metrics[k]) for k in ("seconds", "preempted")} for r in tuner.fit()]
     finally:
         stop_ray()
+        os.environ.pop("MALLOC_ARENA_MAX", None)
+        if _ARENA is not None:
+            os.environ["MALLOC_ARENA_MAX"] = _ARENA
 
 
 def main() -> None:
@@ -114,7 +123,12 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=300, help="tuning iterations per trial")
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--contexts", default=",".join(CONTEXTS), help="comma-separated, from: " + ", ".join(CONTEXTS))
     args = ap.parse_args()
+    contexts = [c.strip() for c in args.contexts.split(",")]
+    unknown = sorted(set(contexts) - set(CONTEXTS))
+    if unknown or "inline" not in contexts:
+        ap.error(f"--contexts: unknown {unknown} or no inline (from: {', '.join(CONTEXTS)}; inline is the reference)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     project = private_project()
@@ -124,10 +138,10 @@ def main() -> None:
 
     base = parse_spec(raw, "bench").base
     cfgs = [override(base, {"seed": s}) for s in range(args.trials)]
-    seconds: dict[str, list[list[dict[str, float]]]] = {c: [] for c in CONTEXTS}
+    seconds: dict[str, list[list[dict[str, float]]]] = {c: [] for c in contexts}
     try:
-        for _ in range(args.rounds):
-            for name in CONTEXTS:
+        for r in range(args.rounds):
+            for name in contexts[r % len(contexts):] + contexts[: r % len(contexts)]:
                 out = Path(tempfile.mkdtemp(prefix="ctx-", dir=project))
                 seconds[name].append(run_context(name, cfgs, raw, out))
     finally:
@@ -138,7 +152,7 @@ def main() -> None:
 
     inline = per_round("inline", "seconds")
     rows = []
-    for name in CONTEXTS:
+    for name in contexts:
         secs, pre = per_round(name, "seconds"), per_round(name, "preempted")
         rows.append({
             "context": name,
@@ -148,7 +162,8 @@ def main() -> None:
                 "–" if math.isnan(p) else f"{p / x:.0f}" for p, x in zip(pre, secs, strict=True)),
         })
     print(f"# {args.trials} digits SCT trials × {args.iterations} iterations (model_channels {args.channels}); "
-          f"trainer loop + evaluation seconds per trial; 2 at a time except inline; {args.rounds} rounds")
+          f"trainer loop + evaluation seconds per trial; 2 at a time except inline; {args.rounds} rounds, "
+          "order rotated each round")
     print(table(rows))
     print(f"# load (after): {load_average()}")
 

@@ -115,7 +115,8 @@ def test_optuna_sweep_with_asha(tmp_path: Path, cli_env: dict[str, str], pretrai
 def test_embedded_ray_workers_start_with_the_trainers_heap_settings(
     ray_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A trial's process is started with trainer/heap.py's environment (one arena, freed heap kept)."""
+    """A trial's process is started with trainer/heap.py's environment (freed heap kept), and with
+    glibc's own arenas (one arena would be shared with Ray's threads; docs/benchmarks.md §2)."""
     import os
 
     import ray
@@ -124,15 +125,16 @@ def test_embedded_ray_workers_start_with_the_trainers_heap_settings(
     from trainer.heap import heap_env
 
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
-    for key in heap_env():
+    keys = [*heap_env(), "MALLOC_ARENA_MAX"]
+    for key in keys:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # a user's own setting wins
     start_ray(None, 1)
     try:
-        seen = ray.get(ray.remote(num_cpus=1)(lambda: {k: os.environ.get(k) for k in heap_env()}).remote())
+        seen = ray.get(ray.remote(num_cpus=1)(lambda: {k: os.environ.get(k) for k in keys}).remote())
     finally:
         stop_ray()
-    assert seen == {**heap_env(), "MALLOC_TRIM_THRESHOLD_": "12345"}
+    assert seen == {**heap_env(), "MALLOC_TRIM_THRESHOLD_": "12345", "MALLOC_ARENA_MAX": None}
 
 
 def test_embedded_ray_prestarts_no_idle_workers_and_stops_every_process(

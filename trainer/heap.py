@@ -2,10 +2,11 @@
 
 By default glibc serves large tensors with fresh mmaps and gives freed heap back to the OS, so every
 training step faults in (and the kernel zeroes) its activations again: ~6 % of a digits step's CPU
-time as system time, plus memory bandwidth two concurrent trials share. A Ray trial runs in a
-non-main thread, which glibc gives its own arena: separate heaps of at most 64 MiB that are unmapped
-when they empty. `heap_env` therefore also asks for one arena, which only works before the process
-starts (bench/heap_reuse.py compares the variants).
+time as system time, plus memory bandwidth two concurrent trials share. The thresholds are global
+to the process, so they also hold for the arena glibc gives a Ray trial's non-main thread
+(bench/heap_reuse.py compares the variants: page faults stay low without a single arena).
+`heap_env` therefore does not ask for one arena (MALLOC_ARENA_MAX=1), which in a Ray worker would
+make the training thread share its arena lock with Ray's own threads (docs/benchmarks.md §2).
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ def keep_freed_memory() -> bool:
 
 def heap_env() -> dict[str, str]:
     """Environment for processes about to start that will train (Ray workers): the same thresholds
-    as `keep_freed_memory`, and one malloc arena for all threads."""
+    as `keep_freed_memory`, in force from the process's first allocation."""
     return {
-        "MALLOC_ARENA_MAX": "1",
         "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
         "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
     }
