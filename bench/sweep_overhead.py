@@ -121,7 +121,7 @@ def run_trials_inline(cfgs: list[TrainConfig], threads: int, out: Path) -> list[
             res = train(cfg)
             total, cpu, usage = time.perf_counter() - t0, time.thread_time() - c0, Usage.since(r0)
             rows.append({"total": total, "cpu": cpu, "loop": res.metrics["wall_s"], "eval": res.metrics["eval_s"],
-                         "usage": usage})
+                         "loop_cpu": res.metrics["cpu_s"], "usage": usage})
     finally:
         torch.set_num_threads(old)
     return rows
@@ -230,7 +230,8 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
     for t in ExperimentAnalysis(rec.results_dir).trials:
         r = t.last_result or {}
         trials.append({"total": float(r.get("time_total_s", 0.0)), "loop": float(r.get("wall_s", 0.0)),
-                       "eval": float(r.get("eval_s", 0.0)), "status": t.status})
+                       "eval": float(r.get("eval_s", 0.0)), "loop_cpu": float(r.get("cpu_s", 0.0)),
+                       "status": t.status})
     return {"wall": wall, "pretrain": outcome.pretrain_s, "slots": outcome.slots, "errors": outcome.errors,
             "trials": trials, "cpu": cpu, "first_run": first_run, "last_end": last_end}
 
@@ -307,7 +308,9 @@ def report(res: dict[str, Any], cpus: int) -> dict[str, float]:
         ideal = s1 / cpus
         headline.update({"ideal (s)": ideal, "sweep wall / ideal": sw["wall"] / ideal,
                          "without Ray start/shutdown": (sw["wall"] - ray_total) / ideal,
-                         "trial workers' CPU / inline CPU": cpu["workers"] / c1})
+                         "trial workers' CPU / inline CPU": cpu["workers"] / c1,
+                         "training thread CPU, sweep / inline": sum(t["loop_cpu"] for t in sw["trials"])
+                         / sum(t["loop_cpu"] for t in res["seq1"])})
         rows += [
             {"what": "Σ trial time inline, 1 thread (back to back)", "s": f"{s1:.1f}"},
             {"what": "  (its CPU time: the compute, blind to other jobs)", "s": f"{c1:.1f}"},
@@ -320,6 +323,8 @@ def report(res: dict[str, Any], cpus: int) -> dict[str, float]:
             {"what": "**sweep CPU / Σ inline trial CPU (load-blind overhead)**",
              "s": f"**{(cpu['workers'] + cpu['ray_system'] + cpu['driver']) / c1:.2f}**"},
             {"what": "  trial workers' CPU / Σ inline trial CPU", "s": f"{cpu['workers'] / c1:.2f}"},
+            {"what": "    the training loop's own thread only (trainer's cpu_s), sweep / inline",
+             "s": f"{sum(t['loop_cpu'] for t in sw['trials']) / sum(t['loop_cpu'] for t in res['seq1']):.2f}"},
             {"what": "  system-CPU share, minor page faults per trial: inline / sweep workers (imports included)",
              "s": f"{_usage_text(Usage.total([t['usage'] for t in res['seq1']]), len(res['seq1']))} / "
                   f"{_usage_text(cpu['workers_usage'], n)}"},

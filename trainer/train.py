@@ -208,7 +208,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
     opt = opt_cls(model.parameters(), lr=lr, betas=betas)
     ema = Ema(model, cfg.ema.beta, cfg.ema.warmup)
     snapshots: dict[str, dict[str, torch.Tensor]] = {}
-    start, cost = 0, {"flops": 0.0, "wall_s": 0.0, "eval_s": 0.0}
+    # wall_s / cpu_s: the training loop's wall time and its thread's CPU time (blind to other jobs)
+    start, cost = 0, {"flops": 0.0, "wall_s": 0.0, "cpu_s": 0.0, "eval_s": 0.0}
     flops_per_step: float | None = None
 
     if resume_from is not None:
@@ -216,7 +217,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        start, cost = int(state["iteration"]), dict(state["cost"])
+        start, cost = int(state["iteration"]), {**cost, **state["cost"]}  # older checkpoints lack cpu_s
         snapshots = dict(state["snapshots"])
         flops_per_step = state.get("flops_per_step")
         _set_rng_state(state["rng"])
@@ -301,7 +302,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
             ess_sum.index_add_(0, bucket, out.ess.float())
             ess_cnt.index_add_(0, bucket, torch.ones_like(out.ess, dtype=torch.float32))
 
-    t_seg = time.perf_counter()
+    t_seg, c_seg = time.perf_counter(), time.thread_time()
     for it in range(start, cfg.iterations):
         if flops_per_step is None:
             from trainer.metrics.flops import count_flops
@@ -322,7 +323,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
                                       "or check the data")
             loss_sum.zero_()
             cost["wall_s"] += time.perf_counter() - t_seg
-            t_seg = time.perf_counter()
+            cost["cpu_s"] += time.thread_time() - c_seg
+            t_seg, c_seg = time.perf_counter(), time.thread_time()
             logged: dict[str, Any] = {"loss": loss, "iteration": done, "images_seen": done * batch, **cost}
             if tuning and cfg.method != "ict":
                 logged["stage"] = stage(it, cfg.stage_iters, cfg.schedule.smooth)
@@ -332,8 +334,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
             reporter.report(done, logged)
         if done % cfg.eval.every == 0 or done == cfg.iterations:
             cost["wall_s"] += time.perf_counter() - t_seg
+            cost["cpu_s"] += time.thread_time() - c_seg
             evaluate(done)
-            t_seg = time.perf_counter()
+            t_seg, c_seg = time.perf_counter(), time.thread_time()
         elif done % cfg.checkpoint_every == 0:
             last_ckpt = checkpoint(done)
     if start >= cfg.iterations and not history:
