@@ -185,9 +185,8 @@ class CpuMonitor(threading.Thread):
                     cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
                     continue
-                program = cmd.split(" ", 1)[0]  # the raylet's arguments name default_worker.py too
-                worker = program.endswith("python") and "default_worker.py" in cmd
-                worker = worker or (cmd.startswith("ray::") and "Agent" not in cmd)
+                raylet = cmd.split(" ", 1)[0].endswith("/raylet")  # its arguments name default_worker.py too
+                worker = ("default_worker.py" in cmd and not raylet) or (cmd.startswith("ray::") and "Agent" not in cmd)
                 if worker or key not in self.names:
                     self.names[key] = "ray::worker" if worker else cmd
 
@@ -306,25 +305,24 @@ def report(res: dict[str, Any], cpus: int) -> dict[str, float]:
         c1 = sum(t["cpu"] for t in res["seq1"])
         inline_setup = [t["total"] - t["loop"] - t["eval"] for t in res["seq1"]]
         ideal = s1 / cpus
-        headline.update({"ideal (s)": ideal, "sweep wall / ideal": sw["wall"] / ideal,
-                         "without Ray start/shutdown": (sw["wall"] - ray_total) / ideal,
-                         "trial workers' CPU / inline CPU": cpu["workers"] / c1,
-                         "training thread CPU, sweep / inline": sum(t["loop_cpu"] for t in sw["trials"])
-                         / sum(t["loop_cpu"] for t in res["seq1"])})
+        ratio, no_ray, workers = sw["wall"] / ideal, (sw["wall"] - ray_total) / ideal, cpu["workers"] / c1
+        thread = sum(t["loop_cpu"] for t in sw["trials"]) / sum(t["loop_cpu"] for t in res["seq1"])
+        headline.update({"ideal (s)": ideal, "sweep wall / ideal": ratio, "without Ray start/shutdown": no_ray,
+                         "trial workers' CPU / inline CPU": workers, "training thread CPU, sweep / inline": thread})
         rows += [
             {"what": "Σ trial time inline, 1 thread (back to back)", "s": f"{s1:.1f}"},
             {"what": "  (its CPU time: the compute, blind to other jobs)", "s": f"{c1:.1f}"},
             {"what": f"  ideal sweep wall = that / {cpus} cores", "s": f"{ideal:.1f}"},
             {"what": "  per-trial set-up inline (median)", "s": f"{median(inline_setup):.2f}"},
-            {"what": "**sweep wall / ideal (goal ≤ 1.10)**", "s": f"**{sw['wall'] / ideal:.2f}**"},
-            {"what": "  without Ray start/shutdown", "s": f"{(sw['wall'] - ray_total) / ideal:.2f}"},
+            {"what": "**sweep wall / ideal (goal ≤ 1.10)**", "s": f"**{ratio:.2f}**"},
+            {"what": "  without Ray start/shutdown", "s": f"{no_ray:.2f}"},
             {"what": "sweep CPU s: trial workers + Ray system processes + driver",
              "s": f"{cpu['workers']:.1f} + {cpu['ray_system']:.1f} + {cpu['driver']:.1f}"},
             {"what": "**sweep CPU / Σ inline trial CPU (load-blind overhead)**",
              "s": f"**{(cpu['workers'] + cpu['ray_system'] + cpu['driver']) / c1:.2f}**"},
-            {"what": "  trial workers' CPU / Σ inline trial CPU", "s": f"{cpu['workers'] / c1:.2f}"},
+            {"what": "  trial workers' CPU / Σ inline trial CPU", "s": f"{workers:.2f}"},
             {"what": "    the training loop's own thread only (trainer's cpu_s), sweep / inline",
-             "s": f"{sum(t['loop_cpu'] for t in sw['trials']) / sum(t['loop_cpu'] for t in res['seq1']):.2f}"},
+             "s": f"{thread:.2f}"},
             {"what": "  system-CPU share, minor page faults per trial: inline / sweep workers (imports included)",
              "s": f"{_usage_text(Usage.total([t['usage'] for t in res['seq1']]), len(res['seq1']))} / "
                   f"{_usage_text(cpu['workers_usage'], n)}"},
@@ -334,15 +332,16 @@ def report(res: dict[str, Any], cpus: int) -> dict[str, float]:
         if res["par"] is not None:
             par = res["par"]
             cp = sum(t["cpu"] for t in par["trials"])
-            headline.update({"by hand / ideal": par["wall"] / ideal, "sweep / by hand": sw["wall"] / par["wall"]})
+            par_ratio, vs_par = par["wall"] / ideal, sw["wall"] / par["wall"]
+            headline.update({"by hand / ideal": par_ratio, "sweep / by hand": vs_par})
             rows += [
                 {"what": f"by hand in parallel: a pool of {cpus} processes at 1 thread, no Ray/MLflow (wall)",
                  "s": f"{par['wall']:.1f}"},
-                {"what": "  its wall / ideal (what the hardware allows)", "s": f"{par['wall'] / ideal:.2f}"},
+                {"what": "  its wall / ideal (what the hardware allows)", "s": f"{par_ratio:.2f}"},
                 {"what": "  its trials' CPU / Σ inline trial CPU (sharing caches and memory)", "s": f"{cp / c1:.2f}"},
                 {"what": "  its system-CPU share, minor page faults per trial",
                  "s": _usage_text(Usage.total([t["usage"] for t in par["trials"]]), len(par["trials"]))},
-                {"what": "**sweep wall / by hand in parallel**", "s": f"**{sw['wall'] / par['wall']:.2f}**"},
+                {"what": "**sweep wall / by hand in parallel**", "s": f"**{vs_par:.2f}**"},
             ]
         if res["seqn"]:
             sn = sum(t["total"] for t in res["seqn"])

@@ -177,6 +177,18 @@ def _ess_metrics(ess_sum: torch.Tensor, ess_cnt: torch.Tensor) -> dict[str, floa
     return {f"ess_t{j}": v for j, (v, c) in enumerate(zip(mean, ess_cnt.tolist(), strict=True)) if c > 0}
 
 
+def _clock() -> tuple[float, float]:
+    """Wall seconds and this thread's CPU seconds now."""
+    return time.perf_counter(), time.thread_time()
+
+
+def _add_segment(cost: dict[str, float], since: tuple[float, float]) -> None:
+    """Add the training-loop time since `since` (a `_clock()`) to `cost`'s wall_s and cpu_s."""
+    wall, cpu = _clock()
+    cost["wall_s"] += wall - since[0]
+    cost["cpu_s"] += cpu - since[1]
+
+
 def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path | None = None) -> TrainResult:
     """Run one training: pretrain (unless given or method is edm), tune for `cfg.iterations`, evaluate.
 
@@ -302,7 +314,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
             ess_sum.index_add_(0, bucket, out.ess.float())
             ess_cnt.index_add_(0, bucket, torch.ones_like(out.ess, dtype=torch.float32))
 
-    t_seg, c_seg = time.perf_counter(), time.thread_time()
+    seg = _clock()  # start of the current training-loop segment (evaluations are not in wall_s / cpu_s)
     for it in range(start, cfg.iterations):
         if flops_per_step is None:
             from trainer.metrics.flops import count_flops
@@ -322,9 +334,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
                 raise DivergenceError(f"{cfg.method} loss became {loss} at iteration {done}; lower optim.lr "
                                       "or check the data")
             loss_sum.zero_()
-            cost["wall_s"] += time.perf_counter() - t_seg
-            cost["cpu_s"] += time.thread_time() - c_seg
-            t_seg, c_seg = time.perf_counter(), time.thread_time()
+            _add_segment(cost, seg)
+            seg = _clock()
             logged: dict[str, Any] = {"loss": loss, "iteration": done, "images_seen": done * batch, **cost}
             if tuning and cfg.method != "ict":
                 logged["stage"] = stage(it, cfg.stage_iters, cfg.schedule.smooth)
@@ -333,10 +344,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
             ess_cnt.zero_()
             reporter.report(done, logged)
         if done % cfg.eval.every == 0 or done == cfg.iterations:
-            cost["wall_s"] += time.perf_counter() - t_seg
-            cost["cpu_s"] += time.thread_time() - c_seg
+            _add_segment(cost, seg)
             evaluate(done)
-            t_seg, c_seg = time.perf_counter(), time.thread_time()
+            seg = _clock()
         elif done % cfg.checkpoint_every == 0:
             last_ckpt = checkpoint(done)
     if start >= cfg.iterations and not history:
