@@ -36,12 +36,15 @@ def make_step(
     batch: int,
     iteration: int = 0,
     ema: Ema | None = None,
+    replay_dropout: bool = True,
 ) -> Callable[[], torch.Tensor]:
     """One optimiser step of `method` (edm | ect | sct | ict) as in train.py's `step`; returns the detached loss.
 
     `ref` is SCT's reference-set size. Runs on the device of `data.images` under `cfg.precision`
     autocast, with train.py's non-finite-gradient zeroing; the stage is that of `iteration`.
     With `ema`, the EMA update that follows every step in train.py's loop is part of the step.
+    `replay_dropout=False` redraws the target pass's dropout masks from the restored RNG (train.py
+    does so for a compiled network) instead of reusing the prediction pass's.
     """
     device = data.images.device
     tuning = method != "edm"
@@ -58,7 +61,8 @@ def make_step(
                 refs = valid = None
                 if method == "sct":
                     refs, valid, _ = reference_set(x, idx, data.images, ref)
-                out = consistency_loss(model, x, None, t, r, cfg.loss, method, refs, valid, cfg.precond.sigma_min)
+                out = consistency_loss(model, x, None, t, r, cfg.loss, method, refs, valid, cfg.precond.sigma_min,
+                                       replay_dropout=replay_dropout)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         for p in model.parameters():  # non-finite gradients become 0 before the step (ECT), as train.py

@@ -5,7 +5,9 @@
 Every figure of one table comes from one run, timed interleaved (each round runs one block of every
 method, in rotated order) so that load from other jobs cancels in the ratios:
 - ms/step (median over rounds) of train.py's step + EMA update for edm, ect, sct at reference sets
-  64/256/512 and its FLOPs (torch.utils.flop_counter);
+  64/256/512 and its FLOPs (torch.utils.flop_counter); also ECT without dropout, and ECT with the
+  target pass drawing its dropout masks again from the restored RNG (what a compiled network does)
+  instead of reusing the prediction pass's masks;
 - the kernel ceiling: the step's own convolution / matmul calls (forward and backward, recorded with a
   dispatch mode) replayed alone on random tensors of the same shapes and strides — the time torch's
   kernels need for exactly these layers, with no Python, norms, activations, dropout or optimiser;
@@ -54,6 +56,7 @@ KERNELS = {aten.convolution.default, aten.convolution_backward.default, aten.mm.
 METHODS = [("edm", "edm", 1), ("ect", "ect", 1), ("sct n=64", "sct", 64), ("sct n=256", "sct", 256),
            ("sct n=512", "sct", 512)]
 NO_DROPOUT = "ect, dropout 0"
+REDRAWN = "ect, masks redrawn"  # the target pass draws its dropout masks again (as for a compiled network)
 
 
 class _Spec:
@@ -200,6 +203,7 @@ def main() -> None:
     model0 = build_model(cfg0, data)
     ema0 = Ema(model0, cfg.ema.beta, cfg.ema.warmup)
     steps[NO_DROPOUT] = make_step("ect", 1, cfg0, model0, data, optimizer(cfg0, model0), args.batch, ema=ema0)
+    steps[REDRAWN] = make_step("ect", 1, cfg, model, data, opt, args.batch, ema=ema, replay_dropout=False)
     if threads > 1:
         over = oversubscribed(steps["ect"], threads)
         print(f"# {threads} threads / 1 thread, wall per ECT step now: {over:.2f}")
@@ -220,10 +224,10 @@ def main() -> None:
     print(f"# digits 8x8, model_channels {args.channels}, batch {args.batch}, {args.rounds} rounds, "
           f"medians of {'CPU' if cpu_clock else 'wall'} time; matmul 1024: {mm_rate:.0f} GFLOP/s")
     rows = []
-    for label in [*(m[0] for m in METHODS), NO_DROPOUT]:
+    for label in [*(m[0] for m in METHODS), NO_DROPOUT, REDRAWN]:
         s = median(t[label])
         rate = flops[label] / s / 1e9
-        kern = "kernels " + ("sct n=512" if label.startswith("sct") else "ect" if label == NO_DROPOUT else label)
+        kern = "kernels " + ("sct n=512" if label.startswith("sct") else "ect" if label.startswith("ect") else label)
         share, lo, hi = paired_ratio(t[kern], t[label])
         vs = paired_ratio(t[label], t["ect"]) if label != "edm" else None
         rows.append({

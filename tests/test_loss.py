@@ -134,18 +134,40 @@ def test_sct_n1_loss_equals_ect_exactly() -> None:
         assert torch.equal(ect.loss, sct.loss)
 
 
-def test_shared_dropout_mask() -> None:
-    """With r = t the target point is x_t itself, so a shared dropout mask makes the loss exactly 0."""
+@pytest.mark.parametrize("replay", [True, False], ids=["replayed", "redrawn"])
+def test_shared_dropout_mask(replay: bool) -> None:
+    """With r = t the target point is x_t itself, so a shared dropout mask makes the loss exactly 0,
+    whether the target pass replays the recorded masks or redraws them from the restored RNG."""
     model = tiny_model(dropout=0.5).train()
     x = _batch()
     t = torch.full((8,), 1.5)
     cfg = LossConfig(distance="l2", weighting="snrpk")
     torch.manual_seed(0)
-    assert consistency_loss(model, x, None, t, t, cfg, "ect").loss.item() == 0.0
+    assert consistency_loss(model, x, None, t, t, cfg, "ect", replay_dropout=replay).loss.item() == 0.0
     # Control: two passes without restoring the RNG see different masks (so the check above can fail).
     torch.manual_seed(0)
     a, b = model(x, 1.5), model(x, 1.5)
     assert (a - b).abs().max() > 1e-2
+
+
+def test_replayed_dropout_masks_equal_redrawn_ones() -> None:
+    """Reusing the prediction's masks in the target pass is bit-identical to drawing them again from
+    the restored RNG: same loss, same gradients, same RNG state afterwards (the next step's draws)."""
+    model = tiny_model(dropout=0.3).train()
+    x = _batch(8)
+    refs, valid = torch.cat([x, _batch(40, seed=2)]), torch.ones(8, 48, dtype=torch.bool)
+
+    def run(replay: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(11)
+        out = consistency_loss(model, x, None, T, R_ECT, LossConfig(), "sct", refs, valid, replay_dropout=replay)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()], torch.get_rng_state()
+
+    (l1, g1, s1), (l2, g2, s2) = run(True), run(False)
+    assert torch.equal(l1, l2) and torch.equal(s1, s2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+    assert model.net.tape is None  # the tape lives for one loss call only
 
 
 def test_loss_deterministic_under_seed() -> None:

@@ -13,10 +13,12 @@ from trainer.errors import ConfigError
 from trainer.networks import (
     PositionalEmbedding,
     UNet,
+    UNetBlock,
     build_network,
     count_parameters,
     forward_flops,
     group_norm,
+    same_dropout,
 )
 
 
@@ -106,6 +108,23 @@ def test_dropout_replays_with_restored_rng() -> None:
     assert not torch.allclose(y1, y_other)
     net.eval()
     assert torch.equal(net(x, t, c), net(x, t, c))
+
+
+def test_same_dropout_records_then_replays_the_masks() -> None:
+    net = _wake(build_network(NetworkConfig(dropout=0.5), 8, 1, 10)).train()
+    x, t, c = _inputs(4, 1, 8, 10)
+    torch.manual_seed(3)
+    plain = net(x, t, c)  # F.dropout
+    torch.manual_seed(3)
+    with same_dropout(net) as tape:
+        recorded = net(x, t, c)
+        after_recording = torch.get_rng_state()
+        tape.replay()
+        replayed = net(x, t, c)
+    assert torch.equal(recorded, plain)  # the tape draws its masks exactly as F.dropout does
+    assert torch.equal(replayed, recorded) and torch.equal(torch.get_rng_state(), after_recording)  # no new draws
+    assert len(tape.masks) == sum(1 for m in net.modules() if isinstance(m, UNetBlock)) and net.tape is None
+    assert not torch.equal(net(x, t, c), recorded)  # outside: fresh masks again
 
 
 def test_gradient_reaches_every_parameter() -> None:

@@ -6,11 +6,14 @@ Spec §2 (EDM), §3 steps 3-6 (ECT), §4.1 and §4.3 (SCT, phases), §6 (iCT).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from trainer.config import LossConfig
+from trainer.networks import UNet, same_dropout
 from trainer.precond import ConsistencyModel
 from trainer.target import sct_x0_offset, target_point
 
@@ -64,6 +67,19 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
         torch.cuda.set_rng_state(state[1], device)
 
 
+@contextmanager
+def _one_dropout_mask(model: ConsistencyModel, device: torch.device, replay: bool) -> Iterator[Callable[[], None]]:
+    """Two passes, one dropout mask (spec §3 step 4). Yields what to call between the passes: replay
+    the first pass's recorded masks, or (`replay=False`, a compiled network) restore the RNG state
+    so that the second pass draws the same masks again."""
+    if replay and isinstance(model.net, UNet):  # only our U-Net reads the tape
+        with same_dropout(model.net) as tape:
+            yield tape.replay
+        return
+    rng = _rng_state(device)
+    yield lambda: _set_rng_state(rng, device)
+
+
 def consistency_loss(
     model: ConsistencyModel,
     x: torch.Tensor,
@@ -75,13 +91,15 @@ def consistency_loss(
     refs: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     sigma_min: float = 0.002,
+    replay_dropout: bool = True,
 ) -> LossOutput:
     """ECT/SCT/iCT consistency loss for one minibatch at noise pairs (t, r) (spec §3, §4.1, §4.3).
 
     The prediction f_θ(x_t, t) has gradient; the target f_θ(x_r', r') uses the same weights with no
     gradient and the same dropout mask. r' = max(r, s_j) for a phased model; where r' is the lower
     phase edge (r' = 0 for one phase) the target is the point x_r' itself. `refs`/`valid` turn on
-    SCT's variance-reduced target.
+    SCT's variance-reduced target. `replay_dropout=False` (for a compiled network) draws the target's
+    masks again from the restored RNG state instead of reusing the recorded ones: the same masks.
     """
     t4, r4 = t.reshape(-1, 1, 1, 1), r.reshape(-1, 1, 1, 1)
     eps = torch.randn_like(x)
@@ -95,13 +113,13 @@ def consistency_loss(
     x_r = target_point(x, eps, t4, r4, x0_offset)
 
     shift: bool | float = sigma_min if method == "ict" else False  # iCT: boundary at σ_min (spec §6)
-    rng = _rng_state(x.device)
-    pred = model(x_t, t4, labels, shift=shift)
-    _set_rng_state(rng, x.device)  # same dropout mask for the target pass (spec §3 step 4)
-    with torch.no_grad():
-        on_edge = r4 <= edge
-        f_r = model(x_r, torch.where(on_edge, torch.ones_like(r4), r4), labels, shift=shift)
-        target = torch.where(on_edge, x_r, torch.nan_to_num(f_r, nan=0.0, posinf=0.0, neginf=0.0))
+    with _one_dropout_mask(model, x.device, replay_dropout) as second_pass:
+        pred = model(x_t, t4, labels, shift=shift)
+        second_pass()  # same dropout mask for the target pass (spec §3 step 4)
+        with torch.no_grad():
+            on_edge = r4 <= edge
+            f_r = model(x_r, torch.where(on_edge, torch.ones_like(r4), r4), labels, shift=shift)
+    target = torch.where(on_edge, x_r, torch.nan_to_num(f_r, nan=0.0, posinf=0.0, neginf=0.0))
 
     c = cfg.c if cfg.c is not None else default_c(method, x[0].numel())
     per_sample = distance(pred, target, cfg.distance, c) * weighting(t, r4.flatten(), cfg.weighting, model.sigma_data)

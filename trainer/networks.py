@@ -6,14 +6,16 @@ decoder of `num_blocks + 1` blocks per level fed by encoder skips, and a GroupNo
 output head whose conv starts at 1e-5 scale so the untrained denoiser D = c_skip x + c_out F
 starts near c_skip x. The noise level enters through a positional (or Fourier) embedding and a
 2-layer MLP; class labels through an embedding whose last index `num_classes` is the null label.
-Dropout uses the global torch RNG, so restoring the RNG state replays the same mask (spec §3.4).
+Dropout uses the global torch RNG, so restoring the RNG state replays the same mask (spec §3.4);
+inside `same_dropout(net)` the first pass keeps its masks and the next one reuses them instead.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,33 @@ class FourierEmbedding(nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
+class DropoutTape:
+    """The dropout masks of one forward pass, kept so that a second pass reuses them (spec §3 step 4).
+
+    A mask is drawn as CPU `F.dropout` draws it (`bernoulli_(1 − p)`, then `/ (1 − p)`), so on the
+    CPU a recorded pass equals `F.dropout` bit for bit; replaying skips drawing the masks again.
+    """
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor] = []
+        self.replaying = False
+        self._next = 0
+
+    def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """x · mask, the mask drawn and kept (recording) or the next kept one (replaying)."""
+        if self.replaying:
+            mask = self.masks[self._next]
+            self._next += 1
+        else:
+            mask = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+            self.masks.append(mask)
+        return x * mask
+
+    def replay(self) -> None:
+        """From now on, every pass reuses the recorded masks in order."""
+        self.replaying, self._next = True, 0
+
+
 class UNetBlock(nn.Module):
     """Residual block: norm-SiLU-conv, + embedding, norm-SiLU-dropout-conv, skip, optional attention."""
 
@@ -109,11 +138,15 @@ class UNetBlock(nn.Module):
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, tape: DropoutTape | None = None) -> torch.Tensor:
         orig = x
         x = self.conv0(self._resample(F.silu(self.norm0(x))))
         x = x + self.affine(emb)[:, :, None, None].to(x.dtype)  # additive embedding (DDPM++)
-        x = F.dropout(F.silu(self.norm1(x)), p=self.dropout, training=self.training)
+        x = F.silu(self.norm1(x))
+        if tape is not None and self.training and self.dropout > 0:
+            x = tape.dropout(x, self.dropout)
+        else:
+            x = F.dropout(x, p=self.dropout, training=self.training)
         x = self.conv1(x)
         skip = self.skip(self._resample(orig)) if self.skip is not None else orig
         x = (x + skip) * SKIP_SCALE
@@ -147,6 +180,7 @@ class UNet(nn.Module):
         if embedding not in ("positional", "fourier"):
             raise ValueError(f"embedding must be positional or fourier, got {embedding!r}")
         self.img_resolution, self.in_channels, self.num_classes = img_resolution, in_channels, num_classes
+        self.tape: DropoutTape | None = None  # set inside `same_dropout`
         noise_channels, emb_channels = model_channels, model_channels * 4  # EDM: mult_noise 1, mult_emb 4
         block = dict(emb_channels=emb_channels, dropout=dropout)
 
@@ -211,13 +245,24 @@ class UNet(nn.Module):
         x = self.conv_in(x)
         skips = [x]
         for blk in self.enc.values():
-            x = blk(x, emb)
+            x = blk(x, emb, self.tape)
             skips.append(x)
         for blk in self.dec.values():
             if blk.takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = blk(x, emb)
+            x = blk(x, emb, self.tape)
         return self.conv_out(F.silu(self.norm_out(x)))
+
+
+@contextmanager
+def same_dropout(net: UNet) -> Iterator[DropoutTape]:
+    """Inside: `net`'s first forward pass records its dropout masks; after `tape.replay()` the next
+    passes reuse them, drawing no new ones (the consistency target's pass, spec §3 step 4)."""
+    net.tape = tape = DropoutTape()
+    try:
+        yield tape
+    finally:
+        net.tape = None
 
 
 def build_network(cfg: NetworkConfig, resolution: int, channels: int, num_classes: int) -> UNet:

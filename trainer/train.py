@@ -299,7 +299,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
                     refs, valid, _ = reference_set(x, idx, data.images, cfg.sct.ref_batch, labels,
                                                    data.labels if cfg.data.conditional else None)
                 out = consistency_loss(model, x, labels, t, r, cfg.loss, cfg.method, refs, valid,
-                                       cfg.precond.sigma_min)
+                                       cfg.precond.sigma_min, replay_dropout=not cfg.compile)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
