@@ -19,7 +19,7 @@ import torch
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset
 from trainer.ema import Ema
-from trainer.loss import consistency_loss, edm_loss
+from trainer.loss import consistency_loss, edm_loss, replays_dropout
 from trainer.precond import ConsistencyModel
 from trainer.runtime import autocast
 from trainer.schedule import sample_t_r
@@ -36,18 +36,20 @@ def make_step(
     batch: int,
     iteration: int = 0,
     ema: Ema | None = None,
-    replay_dropout: bool = True,
+    replay_dropout: bool | None = None,
 ) -> Callable[[], torch.Tensor]:
     """One optimiser step of `method` (edm | ect | sct | ict) as in train.py's `step`; returns the detached loss.
 
     `ref` is SCT's reference-set size. Runs on the device of `data.images` under `cfg.precision`
     autocast, with train.py's non-finite-gradient zeroing; the stage is that of `iteration`.
     With `ema`, the EMA update that follows every step in train.py's loop is part of the step.
-    `replay_dropout=False` redraws the target pass's dropout masks from the restored RNG (train.py
-    does so for a compiled network) instead of reusing the prediction pass's.
+    `replay_dropout` (default: as train.py decides, `trainer.loss.replays_dropout`) False redraws the
+    target pass's dropout masks from the restored RNG instead of reusing the prediction pass's.
     """
     device = data.images.device
     tuning = method != "edm"
+    if replay_dropout is None:
+        replay_dropout = replays_dropout(device, compiled=False)
 
     def step() -> torch.Tensor:
         idx = torch.randperm(len(data), device=device)[:batch]

@@ -67,10 +67,17 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
         torch.cuda.set_rng_state(state[1], device)
 
 
+def replays_dropout(device: torch.device, compiled: bool) -> bool:
+    """Whether the target pass reuses the recorded dropout masks: on the CPU, where drawing them costs
+    6-9% of a step (docs/benchmarks.md §1). CUDA's fused dropout draws a mask at little cost and keeps
+    it in 1 byte per element (the tape would keep 4); a compiled graph cannot hold the Python tape."""
+    return device.type == "cpu" and not compiled
+
+
 @contextmanager
 def _one_dropout_mask(model: ConsistencyModel, device: torch.device, replay: bool) -> Iterator[Callable[[], None]]:
     """Two passes, one dropout mask (spec §3 step 4). Yields what to call between the passes: replay
-    the first pass's recorded masks, or (`replay=False`, a compiled network) restore the RNG state
+    the first pass's recorded masks, or (`replay=False`) restore the RNG state
     so that the second pass draws the same masks again."""
     if replay and isinstance(model.net, UNet):  # only our U-Net reads the tape
         with same_dropout(model.net) as tape:
@@ -98,7 +105,7 @@ def consistency_loss(
     The prediction f_θ(x_t, t) has gradient; the target f_θ(x_r', r') uses the same weights with no
     gradient and the same dropout mask. r' = max(r, s_j) for a phased model; where r' is the lower
     phase edge (r' = 0 for one phase) the target is the point x_r' itself. `refs`/`valid` turn on
-    SCT's variance-reduced target. `replay_dropout=False` (for a compiled network) draws the target's
+    SCT's variance-reduced target. `replay_dropout=False` (see `replays_dropout`) draws the target's
     masks again from the restored RNG state instead of reusing the recorded ones: the same masks.
     """
     t4, r4 = t.reshape(-1, 1, 1, 1), r.reshape(-1, 1, 1, 1)

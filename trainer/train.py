@@ -21,7 +21,7 @@ from trainer.config import TrainConfig
 from trainer.data import ImageDataset, dataset_std, load_dataset
 from trainer.ema import Ema
 from trainer.errors import CheckpointError, ConfigError, DivergenceError
-from trainer.loss import consistency_loss, edm_loss
+from trainer.loss import consistency_loss, edm_loss, replays_dropout
 from trainer.networks import build_network, count_parameters
 from trainer.precond import ConsistencyModel
 from trainer.runtime import autocast, configure_backend, resolve_device
@@ -237,6 +237,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
 
     if cfg.compile:
         model.net.compile()  # in place: checkpoint keys keep their names
+    replay = replays_dropout(device, cfg.compile)  # the target pass reuses the prediction's dropout masks
     evaluator: Evaluator | None = None  # built at the first evaluation (loads the feature network)
     snap_at = {round(f * cfg.iterations): f"{f:g}" for f in cfg.guidance.snapshot_fractions}
     bad_key = f"{cfg.guidance.bad_fraction:g}"
@@ -299,7 +300,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
                     refs, valid, _ = reference_set(x, idx, data.images, cfg.sct.ref_batch, labels,
                                                    data.labels if cfg.data.conditional else None)
                 out = consistency_loss(model, x, labels, t, r, cfg.loss, cfg.method, refs, valid,
-                                       cfg.precond.sigma_min, replay_dropout=not cfg.compile)
+                                       cfg.precond.sigma_min, replay_dropout=replay)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
