@@ -19,7 +19,7 @@ import torch
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset
 from trainer.ema import Ema
-from trainer.loss import consistency_loss, edm_loss, replays_dropout
+from trainer.loss import consistency_loss, edm_loss
 from trainer.precond import ConsistencyModel
 from trainer.runtime import autocast
 from trainer.schedule import sample_t_r
@@ -48,8 +48,6 @@ def make_step(
     """
     device = data.images.device
     tuning = method != "edm"
-    if replay_dropout is None:
-        replay_dropout = replays_dropout(device, compiled=False)
 
     def step() -> torch.Tensor:
         idx = torch.randperm(len(data), device=device)[:batch]

@@ -77,8 +77,8 @@ def replays_dropout(device: torch.device, compiled: bool) -> bool:
 @contextmanager
 def _one_dropout_mask(model: ConsistencyModel, device: torch.device, replay: bool) -> Iterator[Callable[[], None]]:
     """Two passes, one dropout mask (spec §3 step 4). Yields what to call between the passes: replay
-    the first pass's recorded masks, or (`replay=False`) restore the RNG state
-    so that the second pass draws the same masks again."""
+    the first pass's recorded masks, or (`replay=False`) restore the RNG state so that the second
+    pass draws the same masks again."""
     if replay and isinstance(model.net, UNet):  # only our U-Net reads the tape
         with same_dropout(model.net) as tape:
             yield tape.replay
@@ -98,15 +98,16 @@ def consistency_loss(
     refs: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     sigma_min: float = 0.002,
-    replay_dropout: bool = True,
+    replay_dropout: bool | None = None,
 ) -> LossOutput:
     """ECT/SCT/iCT consistency loss for one minibatch at noise pairs (t, r) (spec §3, §4.1, §4.3).
 
     The prediction f_θ(x_t, t) has gradient; the target f_θ(x_r', r') uses the same weights with no
     gradient and the same dropout mask. r' = max(r, s_j) for a phased model; where r' is the lower
     phase edge (r' = 0 for one phase) the target is the point x_r' itself. `refs`/`valid` turn on
-    SCT's variance-reduced target. `replay_dropout=False` (see `replays_dropout`) draws the target's
-    masks again from the restored RNG state instead of reusing the recorded ones: the same masks.
+    SCT's variance-reduced target. `replay_dropout` (default: `replays_dropout` for `x`'s device, not
+    compiled) False draws the target's masks again from the restored RNG state instead of reusing
+    the recorded ones: the same masks either way.
     """
     t4, r4 = t.reshape(-1, 1, 1, 1), r.reshape(-1, 1, 1, 1)
     eps = torch.randn_like(x)
@@ -120,6 +121,8 @@ def consistency_loss(
     x_r = target_point(x, eps, t4, r4, x0_offset)
 
     shift: bool | float = sigma_min if method == "ict" else False  # iCT: boundary at σ_min (spec §6)
+    if replay_dropout is None:
+        replay_dropout = replays_dropout(x.device, compiled=False)
     with _one_dropout_mask(model, x.device, replay_dropout) as second_pass:
         pred = model(x_t, t4, labels, shift=shift)
         second_pass()  # same dropout mask for the target pass (spec §3 step 4)
