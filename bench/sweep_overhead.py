@@ -28,45 +28,21 @@ workers — read from /proc, plus the driver) over the CPU seconds of the inline
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from common import OVERSUBSCRIBED, conditions, load_average, make_step, median, oversubscribed, print_conditions, table
+from proc_cpu import CpuMonitor, Usage
 
 from trainer.config import TrainConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    """CPU seconds in user and kernel mode and minor page faults of a process (or a sum of them)."""
-
-    user: float
-    system: float
-    minflt: int
-
-    @property
-    def cpu(self) -> float:
-        return self.user + self.system
-
-    @staticmethod
-    def since(before: resource.struct_rusage) -> Usage:
-        """This process's usage since the `getrusage` snapshot `before`."""
-        now = resource.getrusage(resource.RUSAGE_SELF)
-        return Usage(now.ru_utime - before.ru_utime, now.ru_stime - before.ru_stime, now.ru_minflt - before.ru_minflt)
-
-    @staticmethod
-    def total(parts: list[Usage]) -> Usage:
-        return Usage(sum(u.user for u in parts), sum(u.system for u in parts), sum(u.minflt for u in parts))
 
 
 def spec_dict(name: str, trials: int, iterations: int, channels: int) -> dict[str, Any]:
@@ -152,59 +128,6 @@ def run_trials_parallel(cfgs: list[TrainConfig], procs: int, out: Path) -> dict[
     return {"wall": time.perf_counter() - t0, "trials": rows}
 
 
-class CpuMonitor(threading.Thread):
-    """CPU seconds (and system-time share, minor page faults) of every process descended from this one
-    (Ray's GCS, raylet, workers, ...), read from /proc every `every` seconds while running (Linux).
-    The last < `every` s of a process are missed."""
-
-    def __init__(self, every: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.every, self.root, self.tick = every, os.getpid(), os.sysconf("SC_CLK_TCK")
-        self.usage: dict[tuple[int, int], Usage] = {}  # (pid, start time) -> as seen last
-        self.names: dict[tuple[int, int], str] = {}
-        self._done = threading.Event()
-
-    def snapshot(self) -> None:
-        procs = {}
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    f = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                usage = Usage(int(f[11]) / self.tick, int(f[12]) / self.tick, int(f[7]))  # utime, stime, minflt
-                procs[int(d.name)] = (int(f[1]), usage, int(f[19]))  # ppid, usage, start time
-        for pid, (ppid, _, _) in procs.items():
-            p, depth = ppid, 0
-            while p not in (self.root, 0, 1) and p in procs and depth < 20:
-                p, depth = procs[p][0], depth + 1
-            if p == self.root and pid != self.root:
-                key = (pid, procs[pid][2])
-                self.usage[key] = procs[pid][1]
-                try:  # a worker renames itself `ray::<trainable>` after start: keep the latest name
-                    cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                except OSError:
-                    continue
-                raylet = cmd.split(" ", 1)[0].endswith("/raylet")  # its arguments name default_worker.py too
-                worker = ("default_worker.py" in cmd and not raylet) or (cmd.startswith("ray::") and "Agent" not in cmd)
-                if worker or key not in self.names:
-                    self.names[key] = "ray::worker" if worker else cmd
-
-    def run(self) -> None:
-        while not self._done.wait(self.every):
-            self.snapshot()
-
-    def stop(self) -> dict[str, Any]:
-        """Stop; CPU seconds of trial workers (`ray::...`) and of the other (Ray system) processes, and
-        the workers' summed usage."""
-        self._done.set()
-        self.join()
-        work = [u for k, u in self.usage.items() if self.names.get(k) == "ray::worker"]
-        total = sum(u.cpu for u in self.usage.values())
-        workers = Usage.total(work)
-        return {"workers": workers.cpu, "ray_system": total - workers.cpu, "workers_usage": workers}
-
-
 def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
     """Run the sweep with the real runner; wall time, its parts and per-trial times from Ray's results."""
     from ray.tune import ExperimentAnalysis
@@ -219,7 +142,8 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
     t0, c0, started = time.perf_counter(), time.process_time(), time.time()
     outcome = run_sweep(spec, None, None, cpus, progress=False)
     wall, driver_cpu, ended = time.perf_counter() - t0, time.process_time() - c0, time.time()
-    cpu = {**monitor.stop(), "driver": driver_cpu}
+    cpu = monitor.stop()
+    cpu["driver"] = driver_cpu - monitor.own_cpu  # this script's sampling is not the sweep's
     rec = outcome.record
     runs = tracking.client(rec.tracking_uri).search_runs(
         [rec.experiment_id], filter_string=f"tags.`{tracking.PARENT}` = '{rec.parent_run_id}'")

@@ -133,6 +133,7 @@ class SweepSpec(_Strict):
     max_failures: int = Field(1, ge=-1)  # retries of a failed trial from its last checkpoint; -1 = forever
     storage: Path | None = None  # Ray results root (absolute); None = <project>/ray_results
     tracking_uri: str | None = None  # None = sqlite:////<project>/mlruns.db
+    mlflow_flush_s: float = Field(5.0, ge=0)  # a trial's metrics reach MLflow this often (0 = every report)
     artifact_root: Path | None = None  # local stores only; None = <project>/mlartifacts
     pretrain_cache: Path | None = None  # None = <project>/.cache/pretrain; shared storage on a cluster
     estimate: Estimate | None = None

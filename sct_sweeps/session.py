@@ -18,9 +18,14 @@ from trainer.heap import heap_env
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 256 * 1024**2  # trials exchange only metrics and checkpoint paths
-# Ray starts one idle worker per CPU for the first driver; Tune's trial actors carry a runtime env
-# (env_vars) and never use them, so they only cost start-up CPU and idle polling (docs/benchmarks.md §2).
-EMBEDDED_RAY_ENV = {"RAY_prestart_worker_first_driver": "0"}
+# What the private Ray leaves out (docs/benchmarks.md §2, bench/ray_tax.py): the idle worker per CPU
+# it starts for the first driver (Tune's trial actors carry a runtime env and never use them), its
+# internal event statistics and its metrics export (no dashboard or Prometheus reads them here).
+EMBEDDED_RAY_ENV = {
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_event_stats": "0",
+    "RAY_enable_metrics_collection": "0",
+}
 
 
 def _ray_log_level() -> int:

@@ -5,7 +5,9 @@ again (by the tags ``sct.trial_id`` + ``mlflow.parentRunId``) and goes on loggin
 opening a second one; a metric step already logged is never logged twice. Logging from a trial
 never crashes it: while the tracking server is away, metrics, tags and artifacts wait in a buffer
 and are retried with backoff; whatever is still undelivered when the trial ends is written to a
-JSON-lines file beside the results and reported loudly.
+JSON-lines file beside the results and reported loudly. Metrics are sent every `flush_every_s`
+seconds, not at every report (one store write instead of dozens; docs/benchmarks.md §2); a caller
+flushes before it checkpoints, so a trial resumed from a checkpoint has lost nothing before it.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ class TrialTracker:
         params: Mapping[str, str],
         lost_dir: Path | None = None,
         run_id: str | None = None,
+        flush_every_s: float = 0.0,
     ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.sweep, self.trial_id, self.run_name = sweep, trial_id, run_name
@@ -149,6 +152,8 @@ class TrialTracker:
         self._late_tags: dict[str, str] = {}
         self._artifacts: list[tuple[Path, str | None]] = []
         self._last_step: dict[str, int] = {}
+        self.flush_every_s = flush_every_s
+        self._due = 0.0  # when buffered metrics are sent next (the first report goes at once)
         self._next_try = 0.0
         self._backoff = 1.0
         self._outage_since: float | None = None
@@ -224,7 +229,8 @@ class TrialTracker:
     # -- buffered work -------------------------------------------------------------------------
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue finite numeric metrics at `step` (steps already logged for a key are skipped)."""
+        """Queue finite numeric metrics at `step` (steps already logged for a key are skipped); send
+        what waits if `flush_every_s` has passed since the last send."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -232,7 +238,8 @@ class TrialTracker:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
             self._metrics.append(Metric(key, float(value), now, int(step)))
-        self.flush()
+        if time.monotonic() >= self._due:
+            self.flush()
 
     def set_tag(self, key: str, value: str) -> None:
         """Queue a tag."""
@@ -308,6 +315,7 @@ class TrialTracker:
             log.warning("MLflow back for trial %s after %.0f s", self.trial_id, time.monotonic() - self._outage_since)
             self._outage_since = None
         self._backoff = 1.0
+        self._due = time.monotonic() + self.flush_every_s
         return True
 
     @property

@@ -48,7 +48,8 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class TuneReporter:
-    """The trainer's Reporter: every report goes to MLflow; evaluations (with checkpoints) to Ray too."""
+    """The trainer's Reporter: every report goes to MLflow (sent in batches); evaluations (with
+    checkpoints) go to Ray too, after the batch is sent."""
 
     def __init__(self, tracker: tracking.TrialTracker, node_id: str) -> None:
         self.tracker = tracker
@@ -64,6 +65,7 @@ class TuneReporter:
         self.tracker.log_metrics(values, step)
         if checkpoint_dir is None and not any(k.startswith("fid_") for k in values):
             return
+        self.tracker.flush()  # everything up to a checkpoint is in MLflow before Ray has the checkpoint
         result: dict[str, Any] = {**self.latest, "iteration": step, "node_id": self.node_id}
         if any(not math.isfinite(v) for v in values.values()):
             log.warning("non-finite metric at step %d: %s", step, values)
@@ -170,6 +172,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         params=tracking.flatten(planned),  # as trained: with the shared phase-one checkpoint
         lost_dir=Path(ctx.results_dir) / "mlflow_lost",
         run_id=meta.get("run_id"),
+        flush_every_s=spec.mlflow_flush_s,
     )
     done = tracker.peek()
     if done is not None and done.info.status == "FINISHED" and done.data.metrics.get("iteration") == cfg.iterations:

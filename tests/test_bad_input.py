@@ -78,6 +78,7 @@ RUN_CASES = [
     ("gpu-where-none", _with("resources", {"gpu": 0.5}), ["resources.gpu: 0.5 GPU per trial", "no CUDA GPU"]),
     ("tracking-uri-no-scheme", _with("tracking_uri", "mlruns"), ["tracking_uri: 'mlruns' needs a scheme"]),
     ("max-failures-below-minus-1", _with("max_failures", -2), ["max_failures:", "greater than or equal to -1"]),
+    ("negative-mlflow-flush", _with("mlflow_flush_s", -1), ["mlflow_flush_s:", "greater than or equal to 0"]),
     ("ref-batch-word", _with("base/sct", {"ref_batch": "many"}), ["base.sct.ref_batch"]),
     ("sampler-steps-zero", _with("base/sampler", {"steps": [1, 0]}), ["base.sampler.steps:", ">= 1"]),
     ("dropout-one", _with("base/network", {"dropout": 1.0}), ["base.network.dropout:", "less than 1"]),

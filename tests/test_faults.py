@@ -113,6 +113,7 @@ def test_trial_faults_do_not_stop_the_sweep(
     raw["base"]["optim"] = {"batch_size": 64, "name": "adam"}
     raw["search"] = {"optim.lr": {"grid": [1e-3, 1e30]}}  # 1e30: the loss is NaN within 5 iterations
     raw["max_failures"] = 1
+    raw["mlflow_flush_s"] = 0  # every report in MLflow at once: the kill below is timed by what MLflow shows
     spec = tmp_path / "faults.yaml"
     spec.write_text(yaml.safe_dump(raw))
     results = Path(cli_env["SCT_PROJECT_DIR"]) / "ray_results" / "faults"

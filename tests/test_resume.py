@@ -57,6 +57,28 @@ def test_tracker_reattaches_to_its_run_without_duplicate_steps(sqlite_uri: str, 
     assert len(runs) == 1
 
 
+def test_tracker_sends_metrics_in_batches(sqlite_uri: str, tmp_path: Path) -> None:
+    client = tracking.client(sqlite_uri)
+    exp = tracking.ensure_experiment(client, "batched", tmp_path / "art")
+    parent = tracking.start_parent_run(client, exp, "batched", {}, "name: batched\n", tmp_path)
+    tracker = tracking.TrialTracker(sqlite_uri, exp, parent, "batched", "t0", "r", {}, {}, flush_every_s=3600.0)
+    tracker.start()
+
+    def logged() -> list[int]:
+        return [m.step for m in client.get_metric_history(tracker.run_id, "loss")]
+
+    for step in range(3):
+        tracker.log_metrics({"loss": float(step)}, step)
+    assert logged() == [] and tracker.pending == 3  # start() sent the run; metrics wait for the interval
+    tracker.set_tag("sct.note", "x")  # tags go at once, and take the waiting metrics along
+    assert logged() == [0, 1, 2] and tracker.pending == 0
+    tracker.log_metrics({"loss": 3.0}, 3)
+    assert logged() == [0, 1, 2]
+    assert tracker.flush() and logged() == [0, 1, 2, 3]
+    tracker.log_metrics({"loss": 4.0}, 4)
+    assert tracker.finish() == 0 and logged() == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.slow
 def test_sigkilled_driver_resumes_without_rerunning_finished_trials(
     tmp_path: Path, cli_env: dict[str, str], ray_tmp: Path, pretrain_cache: Path

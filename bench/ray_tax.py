@@ -1,0 +1,143 @@
+"""Ray's background CPU: what an embedded Ray takes from the cores while two trials run.
+
+    python bench/ray_tax.py [--rounds 3] [--seconds 30]
+
+Two Ray Tune trials that only sleep (reporting a result every 5 s, as trials report evaluations) run
+in an embedded Ray started by `sct_sweeps.session.start_ray`; once both have started and their
+imports are over (5 s), every process's CPU time is read from /proc over `--seconds`. Whatever
+CPU the processes take then is taken from real trials: Ray's daemons (GCS, raylet, agents, log
+monitor, autoscaler monitor), Ray's threads in the two workers and the driver's Tune loop.
+
+Two settings, each in a fresh process, alternated for `--rounds` rounds:
+- "Ray's defaults": every variable of `sct_sweeps.session.EMBEDDED_RAY_ENV` at Ray's own default;
+- "sct-sweeps": the embedded Ray as a sweep starts it (EMBEDDED_RAY_ENV applied).
+Printed: per process role, % of one core (medians over rounds), and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import conditions, load_average, median, print_conditions, table
+from proc_cpu import CpuMonitor
+
+from sct_sweeps.session import EMBEDDED_RAY_ENV
+
+RAY_DEFAULTS = {  # Ray 2.60's own values of what EMBEDDED_RAY_ENV sets
+    "RAY_prestart_worker_first_driver": "1",
+    "RAY_event_stats": "1",
+    "RAY_enable_metrics_collection": "1",
+}
+WARMUP_S = 5.0
+
+
+def sleeper(config: dict[str, Any]) -> None:
+    """A trial that computes nothing: marks its start, reports every 5 s until the stop file appears."""
+    from ray import tune
+
+    flags = Path(config["flags"])
+    (flags / f"started-{os.getpid()}").touch()
+    last = time.monotonic()
+    while not (flags / "stop").exists():
+        time.sleep(0.2)
+        if time.monotonic() - last >= 5.0:
+            tune.report({"alive": 1.0})
+            last = time.monotonic()
+
+
+def child(seconds: float) -> dict[str, float]:
+    """In a fresh process: start Ray as a sweep does, run two sleeping trials, return % of a core per role."""
+    from sct_sweeps.session import start_ray, stop_ray
+
+    project = Path(tempfile.mkdtemp(prefix="sct-tax-", dir="/tmp"))
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rtt", dir="/tmp")
+    flags = project / "flags"
+    flags.mkdir()
+    monitor = CpuMonitor(1.0)
+    monitor.start()
+    start_ray(None, 2)
+    from ray import tune
+
+    window: list[tuple[float, dict[str, float]]] = []
+
+    def sample() -> None:
+        while len(list(flags.glob("started-*"))) < 2:
+            time.sleep(0.2)
+        time.sleep(WARMUP_S)
+        for wait in (0.0, seconds):
+            time.sleep(wait)
+            monitor.snapshot()
+            window.append((time.perf_counter(), {**monitor.by_role(), "driver": time.process_time() - monitor.own_cpu}))
+        (flags / "stop").touch()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    tuner = tune.Tuner(
+        sleeper,
+        param_space={"flags": str(flags), "i": tune.grid_search([0, 1])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(storage_path=str(project / "results"), verbose=0),
+    )
+    tuner.fit()
+    sampler.join()
+    monitor.stop()
+    stop_ray()
+    (t0, a), (t1, b) = window
+    return {k: 100 * (b.get(k, 0.0) - a.get(k, 0.0)) / (t1 - t0) for k in sorted(set(a) | set(b))}
+
+
+def run_child(env: dict[str, str], seconds: float) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", "--seconds", str(seconds)]
+    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=seconds + 300)
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=30.0, help="measuring window per run")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.child:
+        print(json.dumps(child(args.seconds)))
+        return
+    assert RAY_DEFAULTS.keys() == EMBEDDED_RAY_ENV.keys(), "RAY_DEFAULTS must name what EMBEDDED_RAY_ENV sets"
+    for key in EMBEDDED_RAY_ENV:
+        os.environ.pop(key, None)
+    print_conditions(conditions(1))
+    print(f"# 2 sleeping trials in an embedded Ray, {args.seconds:g} s window after a {WARMUP_S:g} s warm-up, "
+          f"{args.rounds} rounds, settings alternated; % of one core")
+    variants = {"Ray's defaults": RAY_DEFAULTS, "sct-sweeps": {}}
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        for name in order:
+            runs[name].append(run_child(variants[name], args.seconds))
+            print(f"# round {r + 1}, {name}: total {sum(runs[name][-1].values()):.2f} %", flush=True)
+    roles = sorted({k for rs in runs.values() for r in rs for k in r})
+    rows = []
+    for role in [*roles, "total"]:
+        row = {"process": role}
+        for name, rs in runs.items():
+            xs = [sum(r.values()) if role == "total" else r.get(role, 0.0) for r in rs]
+            row[name] = f"{median(xs):.2f} [{min(xs):.2f}–{max(xs):.2f}]"
+        rows.append(row)
+    print(table(rows))
+    print(f"# load (after): {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
