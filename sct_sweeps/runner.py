@@ -47,6 +47,7 @@ def _parent_params(spec: SweepSpec, resources: dict[str, float], address: str | 
         "resources.cpu": resources["cpu"],
         "resources.gpu": resources["gpu"],
         "max_failures": spec.max_failures,
+        "mlflow_flush_s": spec.mlflow_flush_s,
         "ray.address": address or "embedded",
     }
     for path, axis in spec.search.items():
