@@ -34,6 +34,22 @@ _LABELS = {
 }
 
 
+# Grid axes whose larger values make a trial longer. A grid sweep walks them largest value first, so
+# it ends on its cheapest trials: the slots finish close together instead of all but one idling
+# beside a long last trial (longest-first scheduling; docs/benchmarks.md §2).
+COST_AXES = ("iterations", "optim.batch_size", "network.model_channels", "network.num_blocks")
+
+
+def largest_first(path: str, values: list[Any]) -> list[Any]:
+    """A grid axis's values in the order a sweep walks them: descending on a COST_AXES path."""
+    if path not in COST_AXES:
+        return list(values)
+    try:
+        return sorted(values, reverse=True)
+    except TypeError:  # values that do not compare: keep the spec's order
+        return list(values)
+
+
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """Ray Tune param_space: one tune domain (or grid_search) per swept dotted path."""
     from ray import tune
@@ -42,7 +58,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     for path, axis in spec.search.items():
         kind = axis.kind
         if kind == "grid":
-            space[path] = tune.grid_search(list(axis.grid))
+            space[path] = tune.grid_search(largest_first(path, list(axis.grid)))
         elif kind == "choice":
             space[path] = tune.choice(list(axis.choice))
         elif kind == "uniform":

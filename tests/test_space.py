@@ -29,7 +29,7 @@ SPEC = {
 
 def test_param_space_domains() -> None:
     space = param_space(parse_spec(SPEC))
-    assert space["network.model_channels"] == tune.grid_search([16, 32])
+    assert space["network.model_channels"] == tune.grid_search([32, 16])  # largest first
     assert isinstance(space["sct.ref_batch"], Categorical) and space["sct.ref_batch"].categories == [1, 64, "all"]
     assert isinstance(space["sampler.eta"], Float) and (space["sampler.eta"].lower, space["sampler.eta"].upper) == (
         0.0,
@@ -37,6 +37,27 @@ def test_param_space_domains() -> None:
     )
     assert isinstance(space["optim.lr"].sampler, Float._LogUniform)
     assert isinstance(space["schedule.double_every"], Integer)
+
+
+def test_grid_sweep_runs_its_longest_trials_first() -> None:
+    from ray.tune.search.variant_generator import generate_variants
+
+    raw = {"name": "order", "search": {
+        "seed": {"grid": [0, 1]},
+        "network.model_channels": {"grid": [16, 8, 32]},
+        "iterations": {"grid": [100, 400, 200]},
+        "sampler.eta": {"grid": [0.0, 0.5]},  # not a cost: the spec's order stays
+    }}  # fmt: skip
+    space = param_space(parse_spec(raw))
+    assert space["sampler.eta"] == tune.grid_search([0.0, 0.5]) and space["seed"] == tune.grid_search([0, 1])
+    order = [cfg for _, cfg in generate_variants(space)]  # the order Ray Tune's grid walks
+    assert len(order) == 36
+
+    def cost(c: dict) -> int:
+        return c["iterations"] * c["network.model_channels"]
+
+    assert cost(order[0]) == 400 * 32  # the most expensive trial starts first
+    assert [cost(c) for c in order[-2:]] == [200 * 8, 100 * 8]  # the sweep ends on its two cheapest
 
 
 def test_trial_config_applies_dotted_overrides() -> None:
