@@ -163,6 +163,8 @@ def test_embedded_ray_prestarts_no_idle_workers_and_stops_every_process(
         idle = processes_under("ray::IDLE", parent=raylet)
         task = ray.remote(num_cpus=1)(lambda: os.getpid())
         assert ray.get(task.remote()) != os.getpid()
+        seen = ray.remote(num_cpus=1)(lambda: {k: os.environ.get(k) for k in EMBEDDED_RAY_ENV})
+        assert ray.get(seen.remote()) == EMBEDDED_RAY_ENV  # Ray's processes inherit the settings
         _kill_autoscaler_monitor()  # what stop_ray does first: the monitor is gone at once, Ray still works
         assert started["monitor"][0].poll() is not None
         assert started["raylet"][0].poll() is None and ray.get(task.remote()) != os.getpid()
