@@ -37,9 +37,31 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for bind(0) (Linux; 32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_next_port = [20000 + os.getpid() % 5000]  # per-process start: parallel test runs do not collide
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 right now, below the ephemeral range: no process that binds port 0
+    (Ray's GCS, raylet, agents) can take it between now and when the test's server binds it."""
+    low = min(_ephemeral_low(), 32768)
+    for _ in range(max(0, low - 20000)):
+        port = _next_port[0]
+        _next_port[0] = port + 1 if port + 1 < low else 20000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
