@@ -20,9 +20,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +30,7 @@ from typing import Any
 
 from common import conditions, load_average, median, print_conditions, table
 from proc_cpu import CpuMonitor
+from sweep_overhead import private_project
 
 from sct_sweeps.session import EMBEDDED_RAY_ENV
 
@@ -57,10 +58,17 @@ def sleeper(config: dict[str, Any]) -> None:
 
 def child(seconds: float) -> dict[str, float]:
     """In a fresh process: start Ray as a sweep does, run two sleeping trials, return % of a core per role."""
+    project = private_project()
+    try:
+        return _sleeping_trials(project, seconds)
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+
+
+def _sleeping_trials(project: Path, seconds: float) -> dict[str, float]:
     from sct_sweeps.session import start_ray, stop_ray
 
-    project = Path(tempfile.mkdtemp(prefix="sct-tax-", dir="/tmp"))
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rtt", dir="/tmp")
     flags = project / "flags"
     flags.mkdir()
     monitor = CpuMonitor(1.0)

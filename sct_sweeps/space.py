@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from sct_sweeps.config import SweepSpec, absolute_paths, override
@@ -40,7 +41,7 @@ _LABELS = {
 COST_AXES = ("iterations", "optim.batch_size", "network.model_channels", "network.num_blocks")
 
 
-def largest_first(path: str, values: list[Any]) -> list[Any]:
+def largest_first(path: str, values: Sequence[Any]) -> list[Any]:
     """A grid axis's values in the order a sweep walks them: descending on a COST_AXES path."""
     if path not in COST_AXES:
         return list(values)
@@ -58,7 +59,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     for path, axis in spec.search.items():
         kind = axis.kind
         if kind == "grid":
-            space[path] = tune.grid_search(largest_first(path, list(axis.grid)))
+            space[path] = tune.grid_search(largest_first(path, axis.grid))
         elif kind == "choice":
             space[path] = tune.choice(list(axis.choice))
         elif kind == "uniform":

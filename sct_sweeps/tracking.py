@@ -153,7 +153,7 @@ class TrialTracker:
         self._artifacts: list[tuple[Path, str | None]] = []
         self._last_step: dict[str, int] = {}
         self.flush_every_s = flush_every_s
-        self._due = 0.0  # when buffered metrics are sent next (the first report goes at once)
+        self._due = 0.0  # when waiting metrics are sent next: flush_every_s after the last send
         self._next_try = 0.0
         self._backoff = 1.0
         self._outage_since: float | None = None

@@ -45,7 +45,7 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-_next_port = [20000 + os.getpid() % 5000]  # per-process start: parallel test runs do not collide
+_next_port = [20000 + os.getpid() % 5000]  # next port to try; per-process start, so parallel runs start apart
 
 
 def free_port() -> int:
