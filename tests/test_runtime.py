@@ -98,6 +98,14 @@ def test_auto_is_cuda_when_present_else_cpu() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+@requires_cuda
+def test_cuda_device_comes_back_with_its_index() -> None:
+    """`cuda` must equal the device tensors report (cuda:0), or the trainer takes a dataset on the GPU
+    for one on the host and tries to pin it (seen on an H200 before resolve_device added the index)."""
+    on_gpu = torch.zeros(1, device="cuda").device
+    assert resolve_device("cuda") == on_gpu and resolve_device("auto") == on_gpu
+
+
 @pytest.mark.parametrize("spec", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
 def test_valid_device_strings_accepted(spec: str) -> None:
     assert TrainConfig(device=spec).device == spec
@@ -220,8 +228,8 @@ def _watch_devices(monkeypatch: pytest.MonkeyPatch, method: str) -> list[tuple[s
     loss_name = "edm_loss" if method == "edm" else "consistency_loss"
     real_loss = getattr(trainer.train, loss_name)
 
-    def batch_spy(data, b, conditional):
-        idx, x, labels = real_batch(data, b, conditional)
+    def batch_spy(data, b, conditional, device):
+        idx, x, labels = real_batch(data, b, conditional, device)
         seen.extend([("dataset", data.images.device), ("batch", x.device), ("batch_idx", idx.device)])
         return idx, x, labels
 

@@ -36,11 +36,13 @@ def ect_r(t: torch.Tensor, s: float, cfg: ScheduleConfig) -> torch.Tensor:
     return (t * ratio).clamp_min(0.0)
 
 
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+def karras_sigmas(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """EDM/Karras grid of n levels, increasing: σ_i = (σ_min^{1/ρ} + i/(n−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ."""
     if n == 1:
-        return torch.tensor([sigma_max], dtype=torch.float64)
-    i = torch.arange(n, dtype=torch.float64)
+        return torch.full((1,), sigma_max, dtype=torch.float64, device=device)
+    i = torch.arange(n, dtype=torch.float64, device=device)  # built where it is used: no host-to-device copy
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (lo + i / (n - 1) * (hi - lo)) ** rho
 
@@ -65,7 +67,7 @@ def ict_sample_pair(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (t, r) = (σ_{i+1}, σ_i) with p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − ...))."""
-    sig = karras_sigmas(num_scales, sigma_min, sigma_max, rho).to(device)
+    sig = karras_sigmas(num_scales, sigma_min, sigma_max, rho, device)
     cdf = torch.erf((sig.log() - p_mean) / (math.sqrt(2.0) * p_std))
     probs = (cdf[1:] - cdf[:-1]).clamp_min(0.0)
     i = torch.multinomial(probs / probs.sum(), n, replacement=True)  # on the device: no host sync
