@@ -42,6 +42,13 @@ report: install
 lint: install
 	$(VENV)/bin/ruff check sct_sweeps trainer dashboards tests bench
 
+# On a GPU machine: the trainer's tests on CUDA + bench/gpu_bench.py, ~5 min, results in GPU_OUT.
+# No install: it uses that machine's own torch (and bench/wheels from scripts/gpu_wheels.sh for pydantic).
+GPU_OUT ?= reports/gpu-check
+.PHONY: gpu-check
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_OUT)
+
 # Paper-reproduction targets (scripts/reproduce.sh; experiments/*.yaml). DRY_RUN=1 prints the plan
 # and runs nothing; QUICK=1 runs the <= 20-minute version of a Fashion-MNIST target. The GPU targets
 # stop at once with a one-line reason without a CUDA GPU, the data (DATA_ROOT=...) or the Inception
