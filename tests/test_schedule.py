@@ -170,3 +170,12 @@ def test_ict_pair_adjacent_levels_and_erf_distribution() -> None:
     freq = torch.bincount(i_r, minlength=n_scales - 1)[: n_scales - 1].double() / n
     # Binomial sd ≤ √(0.25/n) ≈ 0.0011; allow 5 sd.
     torch.testing.assert_close(freq, p, rtol=0, atol=0.0056)
+
+
+@pytest.mark.parametrize("n", [1, 9])
+def test_karras_sigmas_are_built_on_the_device_asked_for(n: int) -> None:
+    """Built where they are used (iCT draws from them every step): no host-to-device copy, which on
+    CUDA is a host sync (found on an H200). The meta device shows where a tensor is made on any machine."""
+    assert karras_sigmas(n, 0.002, 80.0, 7.0, device="meta").device.type == "meta"
+    t, r = ict_sample_pair(4, n + 1, -1.1, 2.0, 0.002, 80.0, 7.0, device="meta")
+    assert t.device.type == "meta" and r.device.type == "meta"
