@@ -256,6 +256,9 @@ class Bench:
             self.run("compile", f"small {precision} ect", 100.0, row)
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # what sync debug mode "warn" says at a sync
+
+
 def sync_points(step: Callable[[], object]) -> list[str]:
     """Distinct 'file:line: message' of synchronising CUDA calls in one call of `step` (after a warm call)."""
     step()
@@ -269,8 +272,7 @@ def sync_points(step: Callable[[], object]) -> list[str]:
             torch.cuda.set_sync_debug_mode(0)
     where = []
     for w in caught:
-        msg = str(w.message).lower()  # torch's "sync debug mode is a prototype" notice is not a sync point
-        if "synchroniz" in msg and "prototype" not in msg:
+        if SYNC_WARNING in str(w.message):  # not torch's other notice, "sync debug mode is a prototype"
             where.append(f"{'/'.join(Path(w.filename).parts[-2:])}:{w.lineno}: {str(w.message).splitlines()[0][:120]}")
     return sorted(set(where))
 
