@@ -98,7 +98,9 @@ class CpuMonitor(threading.Thread):
                 cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            self.names[key] = role(cmd)
+            name = role(cmd)
+            if name != "?" or key not in self.names:  # an empty command line (mid-exec, mid-rename) says nothing
+                self.names[key] = name
 
     def by_role(self) -> dict[str, float]:
         """CPU seconds so far, summed per role()."""
@@ -108,6 +110,27 @@ class CpuMonitor(threading.Thread):
         for key, u in items:
             name = self.names.get(key, "?")
             out[name] = out.get(name, 0.0) + u.cpu
+        return out
+
+    def switches(self) -> dict[str, tuple[int, int]]:
+        """Context switches so far, (voluntary, involuntary) summed over every thread, per role() of the
+        live descendants, and "driver" for this process. A voluntary switch ends each wake-up of a
+        thread that then sleeps again; an involuntary one is a thread preempted by another."""
+        with self._lock:
+            keys = list(self.usage)
+        pids = [(k[0], self.names.get(k, "?")) for k in keys] + [(self.root, "driver")]
+        out: dict[str, tuple[int, int]] = {}
+        for pid, name in pids:
+            vol = inv = 0
+            try:
+                for task in (Path("/proc") / str(pid) / "task").iterdir():
+                    fields = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+                    vol += int(fields["voluntary_ctxt_switches"])
+                    inv += int(fields["nonvoluntary_ctxt_switches"])
+            except (OSError, KeyError, ValueError):
+                continue  # exited meanwhile
+            v0, i0 = out.get(name, (0, 0))
+            out[name] = (v0 + vol, i0 + inv)
         return out
 
     def run(self) -> None:

@@ -8,10 +8,14 @@ imports are over (5 s), every process's CPU time is read from /proc over `--seco
 CPU the processes take then is taken from real trials: Ray's daemons (GCS, raylet, agents, log
 monitor, autoscaler monitor), Ray's threads in the two workers and the driver's Tune loop.
 
-Two settings, each in a fresh process, alternated for `--rounds` rounds:
+Three settings, each in a fresh process, alternated for `--rounds` rounds:
 - "Ray's defaults": every variable of `sct_sweeps.session.EMBEDDED_RAY_ENV` at Ray's own default;
-- "sct-sweeps": the embedded Ray as a sweep starts it (EMBEDDED_RAY_ENV applied).
-Printed: per process role, % of one core (medians over rounds), and the total.
+- "sct-sweeps": the embedded Ray as a sweep starts it (EMBEDDED_RAY_ENV applied);
+- "slower timers": that, plus Ray's periodic checks of 100–200 ms (garbage collection, disk space,
+  object manager, idle workers) every second instead (`SLOWER_TIMERS`; a candidate, not used).
+Printed: per process role, % of one core and wake-ups per second (voluntary context switches of all
+its threads: each is a thread waking and going back to sleep, and on busy cores each wake-up
+preempts a training thread), medians over rounds, and the totals.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ RAY_DEFAULTS = {  # Ray 2.60's own values of what EMBEDDED_RAY_ENV sets
     "RAY_event_stats": "1",
     "RAY_enable_metrics_collection": "1",
 }
+# Ray's own periodic checks that run every 100-200 ms on every node (ray_config_def.h of Ray 2.60)
+SLOWER_TIMERS = {
+    "RAY_raylet_check_gc_period_milliseconds": "1000",
+    "RAY_local_fs_monitor_interval_ms": "1000",
+    "RAY_object_manager_timer_freq_ms": "1000",
+    "RAY_kill_idle_workers_interval_ms": "1000",
+}
 WARMUP_S = 5.0
 
 
@@ -56,8 +67,9 @@ def sleeper(config: dict[str, Any]) -> None:
             last = time.monotonic()
 
 
-def child(seconds: float) -> dict[str, float]:
-    """In a fresh process: start Ray as a sweep does, run two sleeping trials, return % of a core per role."""
+def child(seconds: float) -> dict[str, dict[str, float]]:
+    """In a fresh process: start Ray as a sweep does, run two sleeping trials; per role, % of a core
+    ("cpu") and wake-ups per second ("wakeups")."""
     project = private_project()
     try:
         return _sleeping_trials(project, seconds)
@@ -66,7 +78,7 @@ def child(seconds: float) -> dict[str, float]:
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
-def _sleeping_trials(project: Path, seconds: float) -> dict[str, float]:
+def _sleeping_trials(project: Path, seconds: float) -> dict[str, dict[str, float]]:
     from sct_sweeps.session import start_ray, stop_ray
 
     flags = project / "flags"
@@ -76,7 +88,7 @@ def _sleeping_trials(project: Path, seconds: float) -> dict[str, float]:
     start_ray(None, 2)
     from ray import tune
 
-    window: list[tuple[float, dict[str, float]]] = []
+    window: list[tuple[float, dict[str, float], dict[str, tuple[int, int]]]] = []
 
     def sample() -> None:
         while len(list(flags.glob("started-*"))) < 2:
@@ -85,7 +97,8 @@ def _sleeping_trials(project: Path, seconds: float) -> dict[str, float]:
         for wait in (0.0, seconds):
             time.sleep(wait)
             monitor.snapshot()
-            window.append((time.perf_counter(), {**monitor.by_role(), "driver": time.process_time() - monitor.own_cpu}))
+            cpu = {**monitor.by_role(), "driver": time.process_time() - monitor.own_cpu}
+            window.append((time.perf_counter(), cpu, monitor.switches()))
         (flags / "stop").touch()
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -100,11 +113,14 @@ def _sleeping_trials(project: Path, seconds: float) -> dict[str, float]:
     sampler.join()
     monitor.stop()
     stop_ray()
-    (t0, a), (t1, b) = window
-    return {k: 100 * (b.get(k, 0.0) - a.get(k, 0.0)) / (t1 - t0) for k in sorted(set(a) | set(b))}
+    (t0, a, sa), (t1, b, sb) = window
+    return {
+        "cpu": {k: 100 * (b.get(k, 0.0) - a.get(k, 0.0)) / (t1 - t0) for k in sorted(set(a) | set(b))},
+        "wakeups": {k: (sb[k][0] - sa.get(k, (0, 0))[0]) / (t1 - t0) for k in sorted(sb)},
+    }
 
 
-def run_child(env: dict[str, str], seconds: float) -> dict[str, float]:
+def run_child(env: dict[str, str], seconds: float) -> dict[str, dict[str, float]]:
     cmd = [sys.executable, __file__, "--child", "--seconds", str(seconds)]
     out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=seconds + 300)
     if out.returncode != 0:
@@ -127,23 +143,27 @@ def main() -> None:
         os.environ.pop(key, None)
     print_conditions(conditions(1))
     print(f"# 2 sleeping trials in an embedded Ray, {args.seconds:g} s window after a {WARMUP_S:g} s warm-up, "
-          f"{args.rounds} rounds, settings alternated; % of one core")
-    variants = {"Ray's defaults": RAY_DEFAULTS, "sct-sweeps": {}}
-    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+          f"{args.rounds} rounds, settings alternated")
+    variants = {"Ray's defaults": RAY_DEFAULTS, "sct-sweeps": {}, "slower timers": SLOWER_TIMERS}
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {v: [] for v in variants}
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(variants)[::-1]
         for name in order:
             runs[name].append(run_child(variants[name], args.seconds))
-            print(f"# round {r + 1}, {name}: total {sum(runs[name][-1].values()):.2f} %", flush=True)
-    roles = sorted({k for rs in runs.values() for r in rs for k in r})
-    rows = []
-    for role in [*roles, "total"]:
-        row = {"process": role}
-        for name, rs in runs.items():
-            xs = [sum(r.values()) if role == "total" else r.get(role, 0.0) for r in rs]
-            row[name] = f"{median(xs):.2f} [{min(xs):.2f}–{max(xs):.2f}]"
-        rows.append(row)
-    print(table(rows))
+            res = runs[name][-1]
+            print(f"# round {r + 1}, {name}: {sum(res['cpu'].values()):.2f} % of a core, "
+                  f"{sum(res['wakeups'].values()):.0f} wake-ups/s", flush=True)
+    for what, unit, fmt in (("cpu", "% of one core", "{:.2f}"), ("wakeups", "wake-ups per second", "{:.0f}")):
+        print(f"\n{unit}, median [min–max] over rounds")
+        roles = sorted({k for rs in runs.values() for r in rs for k in r[what]})
+        rows = []
+        for role in [*roles, "total"]:
+            row = {"process": role}
+            for name, rs in runs.items():
+                xs = [sum(r[what].values()) if role == "total" else r[what].get(role, 0.0) for r in rs]
+                row[name] = f"{fmt.format(median(xs))} [{fmt.format(min(xs))}–{fmt.format(max(xs))}]"
+            rows.append(row)
+        print(table(rows))
     print(f"# load (after): {load_average()}")
 
 
