@@ -7,12 +7,15 @@ Scripts in bench/ import this as `common` (they run as `python bench/<script>.py
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -162,6 +165,11 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
+def spread(xs: Sequence[float], spec: str = ".2f") -> str:
+    """`median [min–max]` of `xs`, each formatted with format spec `spec`."""
+    return f"{median(xs):{spec}} [{min(xs):{spec}}–{max(xs):{spec}}]"
+
+
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> tuple[float, float, float]:
     """(median, min, max) over rounds of num[i] / den[i]: the ratio of two fns timed in the same rounds."""
     r = [a / b for a, b in zip(num, den, strict=True)]
@@ -187,6 +195,16 @@ def oversubscribed(step: Callable[[], object], cores: int) -> float:
             t.append(time.perf_counter() - t0)
         r.append(t[1] / t[0])
     return statistics.median(r)
+
+
+def run_child(script: str, args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 600) -> Any:
+    """Run `python script --child *args` in a fresh process (this environment plus `env`); the JSON
+    object on the last line of its output. RuntimeError with the end of its stderr if it fails."""
+    cmd = [sys.executable, script, "--child", *args]
+    out = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # -- measurement conditions --------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 from common import conditions, load_average, print_conditions, table
-from sweep_overhead import private_project
+from sweep_overhead import private_project, remove_project
 
 
 def spec_dict(name: str, trials: int, pretrain_iters: int, iterations: int, channels: int) -> dict[str, Any]:
@@ -101,8 +100,7 @@ def main() -> None:
         t_inline, c_inline = inline_pretrain(spec_dict("x", n, *sizes), project)
         second = sweep(spec_dict("share_b", 2, *sizes), args.cpus)
     finally:
-        shutil.rmtree(project, ignore_errors=True)
-        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+        remove_project(project)
     t_task, t_pre = first["pretrain"], t_inline  # a trial pretraining itself would pay t_pre, in its own slot
     slots = first["slots"]
     tags = first["tags"]

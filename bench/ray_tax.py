@@ -24,17 +24,15 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from common import conditions, load_average, median, print_conditions, table
+from common import conditions, load_average, print_conditions, run_child, spread, table
 from proc_cpu import CpuMonitor
-from sweep_overhead import private_project
+from sweep_overhead import private_project, remove_project
 
 from sct_sweeps.session import EMBEDDED_RAY_ENV
 
@@ -74,8 +72,7 @@ def child(seconds: float) -> dict[str, dict[str, float]]:
     try:
         return _sleeping_trials(project, seconds)
     finally:
-        shutil.rmtree(project, ignore_errors=True)
-        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+        remove_project(project)
 
 
 def _sleeping_trials(project: Path, seconds: float) -> dict[str, dict[str, float]]:
@@ -120,14 +117,6 @@ def _sleeping_trials(project: Path, seconds: float) -> dict[str, dict[str, float
     }
 
 
-def run_child(env: dict[str, str], seconds: float) -> dict[str, dict[str, float]]:
-    cmd = [sys.executable, __file__, "--child", "--seconds", str(seconds)]
-    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=seconds + 300)
-    if out.returncode != 0:
-        raise RuntimeError(f"child failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -149,11 +138,11 @@ def main() -> None:
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(variants)[::-1]
         for name in order:
-            runs[name].append(run_child(variants[name], args.seconds))
+            runs[name].append(run_child(__file__, ["--seconds", str(args.seconds)], variants[name], args.seconds + 300))
             res = runs[name][-1]
             print(f"# round {r + 1}, {name}: {sum(res['cpu'].values()):.2f} % of a core, "
                   f"{sum(res['wakeups'].values()):.0f} wake-ups/s", flush=True)
-    for what, unit, fmt in (("cpu", "% of one core", "{:.2f}"), ("wakeups", "wake-ups per second", "{:.0f}")):
+    for what, unit, spec in (("cpu", "% of one core", ".2f"), ("wakeups", "wake-ups per second", ".0f")):
         print(f"\n{unit}, median [min–max] over rounds")
         roles = sorted({k for rs in runs.values() for r in rs for k in r[what]})
         rows = []
@@ -161,7 +150,7 @@ def main() -> None:
             row = {"process": role}
             for name, rs in runs.items():
                 xs = [sum(r[what].values()) if role == "total" else r[what].get(role, 0.0) for r in rs]
-                row[name] = f"{fmt.format(median(xs))} [{fmt.format(min(xs))}–{fmt.format(max(xs))}]"
+                row[name] = spread(xs, spec)
             rows.append(row)
         print(table(rows))
     print(f"# load (after): {load_average()}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -190,7 +189,7 @@ def sweeps_part(trials: list[int], iterations: int, cpus: int) -> None:
     import logging
     import sys
 
-    from sweep_overhead import measure, private_project
+    from sweep_overhead import measure, private_project, remove_project
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     project = private_project()
@@ -209,8 +208,7 @@ def sweeps_part(trials: list[int], iterations: int, cpus: int) -> None:
                          "Ray start+stop s": f"{res['ray']['start'] + res['ray']['stop']:.1f}",
                          "sweep CPU s": f"{cpu:.1f}", "failed": str(sw["errors"])})
     finally:
-        shutil.rmtree(project, ignore_errors=True)
-        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+        remove_project(project)
     walls = [float(r["wall s"]) for r in rows]
     s = slope([float(n) for n in trials], walls) if len(trials) > 1 else float("nan")
     print(f"\n# sweep wall vs trials ({iterations} SCT iterations each, width 16, {cpus} slots): "

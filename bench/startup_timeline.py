@@ -26,16 +26,14 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import conditions, load_average, median, print_conditions, table
+from common import conditions, load_average, print_conditions, run_child, spread, table
 from proc_cpu import WORKER, CpuMonitor
-from sweep_overhead import private_project, spec_dict
+from sweep_overhead import private_project, remove_project, spec_dict
 
 
 def _boot_time() -> float:
@@ -52,8 +50,7 @@ def child(iterations: int) -> dict[str, Any]:
     try:
         return _timeline(iterations)
     finally:
-        shutil.rmtree(project, ignore_errors=True)
-        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+        remove_project(project)
 
 
 def _timeline(iterations: int) -> dict[str, Any]:
@@ -97,18 +94,6 @@ def _timeline(iterations: int) -> dict[str, Any]:
     return {"events": events, "cpu": cpu}
 
 
-def run_child(iterations: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", "--iterations", str(iterations)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"child failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _spread(xs: list[float], fmt: str = "{:.2f}") -> str:
-    return f"{fmt.format(median(xs))} [{fmt.format(min(xs))}–{fmt.format(max(xs))}]"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -124,12 +109,12 @@ def main() -> None:
           "each a fresh process; seconds after run_sweep was called")
     res = []
     for r in range(args.rounds):
-        res.append(run_child(args.iterations))
+        res.append(run_child(__file__, ["--iterations", str(args.iterations)]))
         print(f"# round {r + 1}: run_sweep returned after {res[-1]['events']['run_sweep returned']:.2f} s", flush=True)
-    print(table([{"event": k, "s after run_sweep": _spread([x["events"][k] for x in res])} for k in res[0]["events"]]))
+    print(table([{"event": k, "s after run_sweep": spread([x["events"][k] for x in res])} for k in res[0]["events"]]))
     roles = sorted({k for x in res for k in x["cpu"]})
-    rows = [{"process": k, "CPU s": _spread([x["cpu"].get(k, 0.0) for x in res])} for k in roles]
-    rows.append({"process": "total", "CPU s": _spread([sum(x["cpu"].values()) for x in res])})
+    rows = [{"process": k, "CPU s": spread([x["cpu"].get(k, 0.0) for x in res])} for k in roles]
+    rows.append({"process": "total", "CPU s": spread([sum(x["cpu"].values()) for x in res])})
     print("\nCPU seconds over the whole sweep, per role (`ray::worker`: the 2 trial workers together)")
     print(table(rows))
     print(f"# load (after): {load_average()}")

@@ -42,7 +42,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import OVERSUBSCRIBED, conditions, load_average, make_step, median, oversubscribed, print_conditions, table
+from common import (
+    OVERSUBSCRIBED,
+    conditions,
+    load_average,
+    make_step,
+    median,
+    oversubscribed,
+    print_conditions,
+    spread,
+    table,
+)
 from proc_cpu import CpuMonitor, Usage
 
 from trainer.config import TrainConfig
@@ -73,6 +83,12 @@ def private_project() -> Path:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)
     return project
+
+
+def remove_project(project: Path) -> None:
+    """Delete a `private_project` directory and its Ray temp directory."""
+    shutil.rmtree(project, ignore_errors=True)
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 def ray_startup(cpus: int) -> dict[str, float]:
@@ -292,7 +308,7 @@ def report_rounds(headlines: list[dict[str, float]]) -> None:
         xs = [h[key] for h in headlines]
         fmt = ".1f" if key.endswith("(s)") else ".3f"
         rows.append({"what": key, **{f"round {i + 1}": format(x, fmt) for i, x in enumerate(xs)},
-                     "median [min–max]": f"{median(xs):{fmt}} [{min(xs):{fmt}}–{max(xs):{fmt}}]"})
+                     "median [min–max]": spread(xs, fmt)})
     print(f"# all {len(headlines)} rounds")
     print(table(rows))
 
@@ -326,8 +342,7 @@ def main() -> None:
             report_rounds(headlines)
     finally:
         if not args.keep:
-            shutil.rmtree(project, ignore_errors=True)
-            shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+            remove_project(project)
     print(f"# load (after): {load_average()}")
 
 

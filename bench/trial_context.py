@@ -25,7 +25,6 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from common import conditions, load_average, median, print_conditions, table
-from sweep_overhead import private_project, spec_dict
+from sweep_overhead import private_project, remove_project, spec_dict
 
 from trainer.config import TrainConfig
 
@@ -145,8 +144,7 @@ def main() -> None:
                 out = Path(tempfile.mkdtemp(prefix="ctx-", dir=project))
                 seconds[name].append(run_context(name, cfgs, raw, out))
     finally:
-        shutil.rmtree(project, ignore_errors=True)
-        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+        remove_project(project)
     def per_round(name: str, key: str) -> list[float]:
         return [median([t[key] for t in r]) for r in seconds[name]]
 
