@@ -5,8 +5,9 @@
 Synthetic tensors of CIFAR-10 shape (3×32×32, batch 128, a 50k-image training set on the device);
 nothing is downloaded. Measures, each as the median of timed blocks after warm-up (synchronised):
 - iterations/s of EDM, ECT and SCT steps (SCT at reference sets 128, 1024, 8192) for the DDPM++-size
-  U-Net (~56M parameters) and the small U-Net (1.5M, the Fashion-MNIST one), fp32 (TF32 matmuls)
-  and bf16 autocast, with achieved TFLOP/s (torch.utils.flop_counter) and the ratio to ECT;
+  U-Net (~56M parameters) and the small U-Net (1.5M, the Fashion-MNIST one), in fp32 (true fp32),
+  tf32 (TF32 matmuls and convolutions) and bf16 autocast, with achieved TFLOP/s
+  (torch.utils.flop_counter) and the ratio to ECT;
 - host synchronisations inside each step (torch.cuda sync debug mode, with file:line);
 - sampling throughput (images/s, 1- and 2-step, trainer.evaluate.generate);
 - FID-feature throughput (images/s of trainer.metrics.fid.compute_stats) for the digits and
@@ -162,8 +163,9 @@ class Bench:
         params = count_parameters(model.net)
         flops: dict[str, float] = {}
         need = 12.0 if net == "ddpmpp" else 6.0
-        for precision in ("bf16", "fp32"):
+        for precision in ("bf16", "tf32", "fp32"):  # fp32 = true fp32 (TF32 off), as ECT's code
             cfg = self.config(net, precision)
+            configure_backend(self.device, precision)
             ect_ms: float | None = None
             for label, method, ref in self.methods():
                 step = make_step(method, ref, cfg, model, self.data, opt, self.sz.batch)
@@ -322,7 +324,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# GPU benchmark: {e.get('name')} ({e['device']})", "",
              f"torch {e['torch']}, CUDA {e['cuda']}, cuDNN {e.get('cudnn')}, Python {e['python']}, "
              f"{e['date_utc']} UTC; batch {e['batch']} of {e['image']}, synthetic data ({e['dataset']} images on "
-             f"the device); fp32 = TF32 matmuls ({e['tf32_matmul']}); bf16 = autocast.{smoke}", "",
+             f"the device); fp32 = true fp32 (TF32 off), tf32 = TF32 matmuls and convolutions; "
+             f"bf16 = autocast.{smoke}", "",
              "## Training steps", ""]
     lines += _table(res["train"], ["net", "params_M", "precision", "method", "ms_per_step", "it_per_s", "img_per_s",
                                    "gflop_per_step", "tflop_per_s", "vs_ect", "spread"])
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     torch.manual_seed(0)
-    configure_backend(device)
+    configure_backend(device, "fp32")
     args.out.mkdir(parents=True, exist_ok=True)
     b = Bench(args.out, device, SMOKE if args.smoke else Sizes(), args.budget_s, args.smoke)
     t0 = time.perf_counter()

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.config import LossConfig, NetworkConfig, PrecondConfig
+from trainer.config import IctConfig, LossConfig, NetworkConfig, PrecondConfig, ScheduleConfig
 from trainer.loss import consistency_loss, default_c, distance, edm_loss, replays_dropout, weighting
 from trainer.networks import build_network
 from trainer.precond import ConsistencyModel
-from trainer.schedule import phase_edges
+from trainer.schedule import phase_edges, sample_t_r
 from trainer.target import reference_set
 
 SD = 0.5
@@ -247,9 +247,35 @@ def test_weighting_formulas() -> None:
     t = torch.tensor([0.01, 0.5, 2.0, 80.0], dtype=torch.float64)
     r = torch.tensor([0.0, 0.25, 1.9, 40.0], dtype=torch.float64)
     want_inv = torch.tensor([1 / 0.01, 1 / 0.25, 1 / 0.1, 1 / 40.0], dtype=torch.float64)
-    torch.testing.assert_close(weighting(t, r, "inv_dt", SD), want_inv, rtol=1e-9, atol=0)
+    torch.testing.assert_close(weighting(t, t - r, "inv_dt", SD), want_inv, rtol=1e-9, atol=0)
     want_snr = torch.tensor([1 / tv**2 + 1 / SD**2 for tv in t.tolist()], dtype=torch.float64)
-    torch.testing.assert_close(weighting(t, r, "snrpk", SD), want_snr, rtol=1e-9, atol=0)
+    torch.testing.assert_close(weighting(t, t - r, "snrpk", SD), want_snr, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("q", [2.0, 4.0, 256.0])
+def test_inv_dt_weight_uses_the_schedules_exact_dt(q: float) -> None:
+    """With q = 256 (ECT's one-hour recipe) t − r cancels in fp32 already at stage 2. The loss's 1/Δt
+    weight (read off as the ratio of the inv_dt loss to the snrpk loss of one sample) must match float64;
+    where Δt/t is below fp32's resolution (r rounds to t, the distance is 0) the loss must stay 0, not 0·∞."""
+    model = tiny_model()
+    x = _batch(1)
+    sched = ScheduleConfig(q=q)
+    for s in range(8):
+        torch.manual_seed(s)
+        t, r, dt = sample_t_r(1, s * 100, 800, 100, "ect", sched, IctConfig(), 0.002, 80.0)
+        losses = {}
+        for kind in ("inv_dt", "snrpk"):
+            torch.manual_seed(11)
+            cfg = LossConfig(distance="l2", weighting=kind)
+            losses[kind] = consistency_loss(model, x, None, t, r, cfg, "ect", dt=dt).loss.double()
+        assert all(torch.isfinite(v) for v in losses.values())
+        if losses["snrpk"] == 0:  # x_r == x_t in fp32
+            assert losses["inv_dt"] == 0
+            continue
+        w_inv = losses["inv_dt"] / losses["snrpk"] * (1 / t.double() ** 2 + 1 / SD**2)
+        t64 = t.double()
+        want = 1.0 / torch.minimum(t64 * q ** -(s + 1.0) * (1 + 8.0 * torch.sigmoid(-t64)), t64)
+        torch.testing.assert_close(w_inv, want, rtol=1e-5, atol=0)
 
 
 def test_distance_formulas_and_default_c() -> None:

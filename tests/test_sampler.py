@@ -213,3 +213,32 @@ def test_to_uint8() -> None:
 def test_karras_time_list_matches_schedule_grid() -> None:
     got = time_list(8, SAMP, PRE)
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), karras_sigmas(9, 0.002, 80.0).flip(0)[:-1])
+
+
+def test_ict_is_sampled_with_the_boundary_it_was_trained_with() -> None:
+    """iCT trains with f(x, σ_min = 0.002) = x (docs/algorithms.md §6); its samples must use that boundary,
+    not ECT's eval shift 0.003 — which at a small t_mid moves the 2-step sample by far more than rounding."""
+    from trainer.config import TrainConfig
+    from trainer.data import load_dataset
+    from trainer.evaluate import generate
+    from trainer.train import build_model
+
+    cfg = TrainConfig(method="ict", sampler={"t_mid": 0.005}, network={"model_channels": 8, "dropout": 0.0})
+    assert cfg.eval_boundary == cfg.precond.sigma_min == 0.002
+    assert TrainConfig(method="sct").eval_boundary == cfg.precond.sigma_min_shift == 0.003
+    data = load_dataset(cfg.data, "train")
+    torch.manual_seed(0)
+    model = build_model(cfg, data).eval()
+    for m in model.net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+    got = generate(model, cfg, data, 4, 2, seed=3)
+
+    def direct(boundary: float) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(3)
+        return sample(model, 4, 2, cfg.sampler, cfg.precond, data.shape, generator=gen, boundary=boundary)
+
+    torch.testing.assert_close(got, direct(0.002), rtol=0, atol=1e-6)
+    assert (got - direct(0.003)).abs().max() > 1e-3  # 1000x the tolerance above
+    x = _z()
+    torch.testing.assert_close(x0_fn(model, shift=cfg.eval_boundary)(x, 0.002, None), x, rtol=0, atol=1e-7)

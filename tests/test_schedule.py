@@ -93,14 +93,14 @@ def test_sample_t_r_ect_uses_the_stage_of_the_iteration() -> None:
     sched, ict = ScheduleConfig(), IctConfig()
     for it, s in [(0, 0), (99, 0), (100, 1), (350, 3)]:
         torch.manual_seed(1)
-        t, r = sample_t_r(64, it, 800, 100, "ect", sched, ict, 0.002, 80.0)
+        t, r, _ = sample_t_r(64, it, 800, 100, "ect", sched, ict, 0.002, 80.0)
         torch.testing.assert_close(r, ect_r(t, s, sched))
     # clamp_t clamps t to [sigma_min, sigma_max]; without it t is not clamped (spec §3 step 1).
     torch.manual_seed(2)
-    t, _ = sample_t_r(4000, 0, 800, 100, "sct", sched, ict, 0.002, 80.0)
+    t = sample_t_r(4000, 0, 800, 100, "sct", sched, ict, 0.002, 80.0).t
     assert t.min() < 0.002 and t.max() > 80.0
     torch.manual_seed(2)
-    t, _ = sample_t_r(4000, 0, 800, 100, "sct", ScheduleConfig(clamp_t=True), ict, 0.002, 80.0)
+    t = sample_t_r(4000, 0, 800, 100, "sct", ScheduleConfig(clamp_t=True), ict, 0.002, 80.0).t
     assert t.min() == pytest.approx(0.002) and t.max() == pytest.approx(80.0)
 
 
@@ -157,7 +157,7 @@ def test_ict_pair_adjacent_levels_and_erf_distribution() -> None:
     sig = karras_sigmas(n_scales, 0.002, 80.0, 7.0).float()
     torch.manual_seed(0)
     n = 200_000
-    t, r = ict_sample_pair(n, n_scales, p_mean, p_std, 0.002, 80.0, 7.0)
+    t, r, _ = ict_sample_pair(n, n_scales, p_mean, p_std, 0.002, 80.0, 7.0)
     assert (t > r).all()
     i_r = torch.searchsorted(sig, r)
     i_t = torch.searchsorted(sig, t)
@@ -177,5 +177,30 @@ def test_karras_sigmas_are_built_on_the_device_asked_for(n: int) -> None:
     """Built where they are used (iCT draws from them every step): no host-to-device copy, which on
     CUDA is a host sync (found on an H200). The meta device shows where a tensor is made on any machine."""
     assert karras_sigmas(n, 0.002, 80.0, 7.0, device="meta").device.type == "meta"
-    t, r = ict_sample_pair(4, n + 1, -1.1, 2.0, 0.002, 80.0, 7.0, device="meta")
+    t, r, _ = ict_sample_pair(4, n + 1, -1.1, 2.0, 0.002, 80.0, 7.0, device="meta")
     assert t.device.type == "meta" and r.device.type == "meta"
+
+
+@pytest.mark.parametrize("mapping", ["sigmoid", "const"])
+@pytest.mark.parametrize("q", [2.0, 4.0, 256.0])
+def test_dt_matches_float64_at_every_stage(mapping: str, q: float) -> None:
+    """Δt = t − r must not cancel in fp32: over all 8 default stages (q = 256: ECT's one-hour recipe) the
+    schedule's Δt, and the r it returns, match a float64 computation within 1e-5 relative."""
+    sched, ict = ScheduleConfig(mapping=mapping, q=q), IctConfig()
+    for s in range(8):
+        torch.manual_seed(s)
+        t, r, dt = sample_t_r(4096, s * 100, 800, 100, "ect", sched, ict, 0.002, 80.0)
+        t64 = t.double()
+        g = 1.0 + sched.k * torch.sigmoid(-sched.b * t64) if mapping == "sigmoid" else torch.ones_like(t64)
+        want = torch.minimum(t64 * q ** -(s + 1.0) * g, t64)
+        assert dt.dtype == torch.float32
+        torch.testing.assert_close(dt.double(), want, rtol=1e-5, atol=0)
+        assert ((r.double() - (t64 - want)).abs() <= 1e-6 * t64).all()  # r to fp32 rounding of t
+
+
+def test_ict_dt_is_the_grid_step_in_float64() -> None:
+    torch.manual_seed(0)
+    t, r, dt = ict_sample_pair(4096, 1281, -1.1, 2.0, 0.002, 80.0, 7.0)
+    sig = karras_sigmas(1281, 0.002, 80.0, 7.0)
+    i = (sig[None, :] - r.double()[:, None]).abs().argmin(1)  # index of r on the grid
+    torch.testing.assert_close(dt.double(), sig[i + 1] - sig[i], rtol=1e-5, atol=0)

@@ -121,7 +121,18 @@ class GuidanceConfig(_Strict):
     strength: float = Field(1.0, ge=0.0)  # w; 1 = no guidance
     bad_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # when the "bad" EMA snapshot is taken
     snapshot_fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
-    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # classic mode only
+    # Probability that a conditional model's label becomes the null label during EDM pretraining and
+    # tuning, so the null class is trained (classic CFG samples with it). None = 0.1 in classic mode,
+    # 0 otherwise (auto guidance needs no null label); any value applies to every conditional model.
+    label_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+
+    def label_dropout_rate(self, conditional: bool) -> float:
+        """The label-dropout probability training uses (0 for an unconditional model)."""
+        if not conditional:
+            return 0.0
+        if self.label_dropout is not None:
+            return self.label_dropout
+        return 0.1 if self.mode == "classic" else 0.0
 
 
 class SamplerConfig(_Strict):
@@ -179,7 +190,9 @@ class TrainConfig(_Strict):
     iterations: int = Field(400, ge=0)  # tuning iterations (phase two)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp32 = true fp32 (TF32 matmuls off on CUDA, as ECT's code); tf32 = TF32 matmuls/convolutions on
+    # CUDA (fp32 on the CPU); bf16 = bf16 autocast of the network passes (docs/algorithms.md §3).
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     compile: bool = False
     out_dir: Path = Path("runs/default")
     checkpoint_every: int = Field(100, gt=0)  # also written at every evaluation
@@ -210,7 +223,15 @@ class TrainConfig(_Strict):
     def _consistent(self) -> TrainConfig:
         if self.guidance.mode == "classic" and not self.data.conditional:
             raise ValueError("guidance.mode: classic needs data.conditional: true")
+        if self.guidance.mode == "classic" and self.guidance.label_dropout_rate(True) == 0.0:
+            raise ValueError("guidance.mode: classic needs guidance.label_dropout > 0 (the null label must be trained)")
         return self
+
+    @property
+    def eval_boundary(self) -> float:
+        """σ_min of the consistency boundary at sampling time: iCT's training boundary (precond.sigma_min),
+        else ECT's eval shift (precond.sigma_min_shift; 0 = plain EDM coefficients)."""
+        return self.precond.sigma_min if self.method == "ict" else self.precond.sigma_min_shift
 
     @property
     def stage_iters(self) -> int:

@@ -46,7 +46,8 @@ def generate(
         labels = draw_labels(data, b, gen, cfg.data.conditional)
         with autocast(device, cfg.precision):
             out.append(
-                sample(model, b, steps, cfg.sampler, cfg.precond, data.shape, labels, guidance, gen, eta, mode)
+                sample(model, b, steps, cfg.sampler, cfg.precond, data.shape, labels, guidance, gen, eta, mode,
+                       boundary=cfg.eval_boundary)
             )
     return torch.cat(out).float()
 

@@ -49,10 +49,12 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str, c: float) -> t
     return (sq + c**2).sqrt() - c if kind == "pseudo_huber" else sq
 
 
-def weighting(t: torch.Tensor, r: torch.Tensor, kind: str, sigma_data: float) -> torch.Tensor:
-    """inv_dt: 1/(t − r) (iCT, ECT CIFAR, SCT); snrpk: 1/t² + 1/σd² (ECT ImageNet)  (spec §3 step 6)."""
+def weighting(t: torch.Tensor, dt: torch.Tensor, kind: str, sigma_data: float) -> torch.Tensor:
+    """inv_dt: 1/Δt = 1/(t − r) (iCT, ECT CIFAR, SCT); snrpk: 1/t² + 1/σd² (ECT ImageNet)  (spec §3 step 6).
+
+    Δt comes from the schedule (`NoisePair.dt`), computed without the cancellation of t − r."""
     if kind == "inv_dt":
-        return 1.0 / (t - r)
+        return 1.0 / dt
     return 1.0 / t**2 + 1.0 / sigma_data**2
 
 
@@ -99,6 +101,7 @@ def consistency_loss(
     valid: torch.Tensor | None = None,
     sigma_min: float = 0.002,
     replay_dropout: bool | None = None,
+    dt: torch.Tensor | None = None,
 ) -> LossOutput:
     """ECT/SCT/iCT consistency loss for one minibatch at noise pairs (t, r) (spec §3, §4.1, §4.3).
 
@@ -107,12 +110,15 @@ def consistency_loss(
     phase edge (r' = 0 for one phase) the target is the point x_r' itself. `refs`/`valid` turn on
     SCT's variance-reduced target. `replay_dropout` (default: `replays_dropout` for `x`'s device, not
     compiled) False draws the target's masks again from the restored RNG state instead of reusing
-    the recorded ones: the same masks either way.
+    the recorded ones: the same masks either way. `dt` = t − r from the schedule (`NoisePair.dt`, exact
+    where t − r would cancel); None computes t − r here.
     """
     t4, r4 = t.reshape(-1, 1, 1, 1), r.reshape(-1, 1, 1, 1)
     eps = torch.randn_like(x)
     x_t = x + t4 * eps
     edge = model.lower_edge(t4)
+    dt4 = (t4 - r4) if dt is None else dt.reshape(-1, 1, 1, 1)
+    dt4 = torch.where(r4 < edge, t4 - edge, dt4)  # phased: r' = max(r, s_j), Δt' = t − s_j
     r4 = torch.maximum(r4, edge)
     ess = None
     x0_offset = None
@@ -132,5 +138,5 @@ def consistency_loss(
     target = torch.where(on_edge, x_r, torch.nan_to_num(f_r, nan=0.0, posinf=0.0, neginf=0.0))
 
     c = cfg.c if cfg.c is not None else default_c(method, x[0].numel())
-    per_sample = distance(pred, target, cfg.distance, c) * weighting(t, r4.flatten(), cfg.weighting, model.sigma_data)
+    per_sample = distance(pred, target, cfg.distance, c) * weighting(t, dt4.flatten(), cfg.weighting, model.sigma_data)
     return LossOutput(loss=per_sample.mean(), t=t.detach(), ess=ess)

@@ -36,10 +36,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def configure_backend(device: torch.device) -> None:
-    """CPU: reuse freed tensor memory between steps (trainer/heap.py); CUDA: allow TF32 matmuls."""
+def configure_backend(device: torch.device, precision: str) -> None:
+    """CPU: reuse freed tensor memory between steps (trainer/heap.py). CUDA: TF32 matmuls and
+    convolutions only for `precision: tf32` — `fp32` is true fp32, as in ECT's code, where TF32 would move
+    x̂₀ by ~1e-4 relative and break SCT(n = 1) ≡ ECT for 8-bit data (docs/algorithms.md §3)."""
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"

@@ -32,8 +32,9 @@ class Guidance:
     null_label: int = -1  # classic mode: the network's null class index (= num_classes); must be set
 
 
-def x0_fn(model: ConsistencyModel, guidance: Guidance | None = None, shift: bool = True) -> X0Fn:
-    """The (guided) x0 estimate used by every sampler, in eval mode with ECT's σ_min shift."""
+def x0_fn(model: ConsistencyModel, guidance: Guidance | None = None, shift: bool | float = True) -> X0Fn:
+    """The (guided) x0 estimate used by every sampler, in eval mode with the boundary at σ_min = `shift`
+    (True: ECT's eval shift precond.sigma_min_shift; a float: that σ_min; 0 or False: plain EDM)."""
 
     def single(m: ConsistencyModel, x: torch.Tensor, tau: float, labels: torch.Tensor | None) -> torch.Tensor:
         if m.phase_edges.numel() > 0:
@@ -130,8 +131,12 @@ def sample(
     generator: torch.Generator | None = None,
     eta: float | None = None,
     mode: str | None = None,
+    boundary: float | None = None,
 ) -> torch.Tensor:
     """Draw n images with a `steps`-step sampler; deterministic under `generator`'s seed.
+
+    `boundary` is the σ_min where f(x, σ_min) = x: the one the model was trained with
+    (`TrainConfig.eval_boundary`: iCT's precond.sigma_min); None = ECT's eval shift precond.sigma_min_shift.
 
     1 and 2 steps use the standard stochastic sampler (η = 1, spec §5) unless `eta`/`mode` are
     given; N > 2 steps use `sampler.edge_skip_mode` with `sampler.eta`.
@@ -145,7 +150,7 @@ def sample(
         eta = sampler.eta if steps > 2 else 1.0
     was_training = model.training
     model.eval()
-    f = x0_fn(model, guidance, shift=precond.sigma_min_shift > 0)
+    f = x0_fn(model, guidance, shift=precond.sigma_min_shift if boundary is None else boundary)
     try:
         if mode == "ddim_skip":
             return sample_ddim_skip(f, z, times, eta, labels)

@@ -6,6 +6,7 @@ Spec §3 (ECT), §4.2 (SCT smooth stages), §4.3 (phase edges), §6 (iCT).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -23,17 +24,32 @@ def stage(iteration: int, stage_iters: int, smooth: bool = False) -> float:
     return s if smooth else float(math.floor(s))
 
 
-def ect_r(t: torch.Tensor, s: float, cfg: ScheduleConfig) -> torch.Tensor:
-    """ECT mapping r(t) at stage s (spec §3 step 2; code uses q^(s+1)), then r = max(r, 0).
+class NoisePair(NamedTuple):
+    """The noise levels of one consistency step: t, r < t, and Δt = t − r computed without cancellation."""
 
-    sigmoid: r = t·(1 − q^{−(s+1)}·(1 + k·sigmoid(−b·t)));  const: r = t·(1 − q^{−(s+1)}).
+    t: torch.Tensor
+    r: torch.Tensor
+    dt: torch.Tensor
+
+
+def ect_dt(t: torch.Tensor, s: float, cfg: ScheduleConfig) -> torch.Tensor:
+    """Δt = t − r(t) of ECT's mapping at stage s (spec §3 step 2; the code's q^(s+1)), at most t (r ≥ 0).
+
+    sigmoid: Δt = t·q^{−(s+1)}·(1 + k·sigmoid(−b·t));  const: Δt = t·q^{−(s+1)}. Computed directly, not as
+    t − t·(1 − …): that difference cancels in fp32 once q^{−(s+1)} nears the rounding of 1 (ECT's q = 256).
     """
     decay = cfg.q ** -(s + 1.0)
     if cfg.mapping == "sigmoid":
-        ratio = 1.0 - decay * (1.0 + cfg.k * torch.sigmoid(-cfg.b * t))
+        dt = t * decay * (1.0 + cfg.k * torch.sigmoid(-cfg.b * t))
     else:
-        ratio = torch.full_like(t, 1.0 - decay)
-    return (t * ratio).clamp_min(0.0)
+        dt = t * decay
+    return torch.minimum(dt, t)
+
+
+def ect_r(t: torch.Tensor, s: float, cfg: ScheduleConfig) -> torch.Tensor:
+    """ECT mapping r(t) = t − Δt at stage s, r ≥ 0: sigmoid r = t·(1 − q^{−(s+1)}·(1 + k·sigmoid(−b·t))),
+    const r = t·(1 − q^{−(s+1)})  (spec §3 step 2)."""
+    return t - ect_dt(t, s, cfg)
 
 
 def karras_sigmas(
@@ -65,26 +81,27 @@ def ict_num_scales(iteration: int, total_iters: int, cfg: IctConfig) -> int:
 def ict_sample_pair(
     n: int, num_scales: int, p_mean: float, p_std: float, sigma_min: float, sigma_max: float, rho: float,
     device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw (t, r) = (σ_{i+1}, σ_i) with p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − ...))."""
+) -> NoisePair:
+    """Draw (t, r) = (σ_{i+1}, σ_i) with p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − ...));
+    Δt = σ_{i+1} − σ_i is taken in float64 before the cast."""
     sig = karras_sigmas(num_scales, sigma_min, sigma_max, rho, device)
     cdf = torch.erf((sig.log() - p_mean) / (math.sqrt(2.0) * p_std))
     probs = (cdf[1:] - cdf[:-1]).clamp_min(0.0)
     i = torch.multinomial(probs / probs.sum(), n, replacement=True)  # on the device: no host sync
-    return sig[i + 1].float(), sig[i].float()
+    return NoisePair(sig[i + 1].float(), sig[i].float(), (sig[i + 1] - sig[i]).float())
 
 
 def sample_t_r(
     n: int, iteration: int, total_iters: int, stage_iters: int, method: str,
     sched: ScheduleConfig, ict: IctConfig, sigma_min: float, sigma_max: float,
     device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (t, r) pair of one consistency training step for `method` in {ect, sct, ict}."""
+) -> NoisePair:
+    """The (t, r, Δt) of one consistency training step for `method` in {ect, sct, ict}."""
     if method == "ict":
         n_scales = ict_num_scales(iteration, total_iters, ict)
         return ict_sample_pair(n, n_scales, sched.p_mean, sched.p_std, sigma_min, sigma_max, ict.rho, device)
     t = sample_lognormal(n, sched.p_mean, sched.p_std, device)
     if sched.clamp_t:
         t = t.clamp(sigma_min, sigma_max)
-    r = ect_r(t, stage(iteration, stage_iters, sched.smooth), sched)
-    return t, r
+    dt = ect_dt(t, stage(iteration, stage_iters, sched.smooth), sched)
+    return NoisePair(t, t - dt, dt)

@@ -20,13 +20,15 @@ def reference_set(
     n: int | str,
     labels: torch.Tensor | None = None,
     dataset_labels: torch.Tensor | None = None,
+    null_label: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """References {y_j} for a minibatch and the mask of which (sample, reference) pairs count.
 
     The minibatch comes first (so every sample's own x is a reference, as in STF); for n > B the
     rest are n − B random dataset images not in the minibatch; n = "all" uses the whole dataset. For
     n < B each sample uses itself and the n − 1 following minibatch samples (cyclically).
-    Conditional (labels given): only same-class references count (spec §4.1).
+    Conditional (labels given): only same-class references count (spec §4.1); a sample whose label
+    was dropped to `null_label` (classic CFG's label dropout) is unconditional: every reference counts.
     Returns (refs [n, ...], valid [B, n] bool, ref_labels or None).
     """
     B, N = x_batch.shape[0], dataset.shape[0]
@@ -49,7 +51,10 @@ def reference_set(
     ref_labels = None
     if labels is not None and dataset_labels is not None:
         ref_labels = dataset_labels.to(dev)[ref_idx]
-        valid = valid & (ref_labels[None, :] == labels[:, None])
+        same = ref_labels[None, :] == labels[:, None]
+        if null_label is not None:
+            same = same | (labels[:, None] == null_label)
+        valid = valid & same
     return refs, valid, ref_labels
 
 
