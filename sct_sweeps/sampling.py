@@ -21,7 +21,7 @@ def sample_grid(
     from trainer.data import load_dataset
     from trainer.evaluate import generate, save_grid
     from trainer.sampler import Guidance
-    from trainer.train import build_model, load_for_sampling
+    from trainer.train import build_model, check_classic_guidance, load_for_sampling
 
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
@@ -32,6 +32,7 @@ def sample_grid(
     if strength != 1.0:
         g = cfg.guidance
         if g.mode == "classic":
+            check_classic_guidance(checkpoint, state)
             guidance = Guidance(strength, "classic", None, data.num_classes)
         else:
             key = f"{g.bad_fraction:g}"

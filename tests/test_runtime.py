@@ -18,6 +18,7 @@ import torch
 import yaml
 from _device import requires_cuda
 
+import trainer.step
 import trainer.train
 from trainer.__main__ import main
 from trainer.config import LossConfig, NetworkConfig, PrecondConfig, TrainConfig, load_train_config
@@ -26,7 +27,7 @@ from trainer.errors import ConfigError, DeviceError
 from trainer.loss import consistency_loss
 from trainer.networks import build_network
 from trainer.precond import ConsistencyModel
-from trainer.runtime import autocast, resolve_device
+from trainer.runtime import autocast, configure_backend, resolve_device
 from trainer.target import posterior_weights, sct_x0_offset
 from trainer.train import train
 
@@ -161,6 +162,20 @@ def test_device_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --- precision ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("tf32", True), ("bf16", False)])
+def test_tf32_only_when_precision_says_so(precision: str, tf32: bool) -> None:
+    """`precision: fp32` is true fp32 on CUDA (TF32 off, ECT's default); only `tf32` turns TF32 on. The flags
+    are process-wide settings, so this runs without a GPU (and restores them)."""
+    assert TrainConfig(precision=precision).precision == precision
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+        configure_backend(torch.device("cuda"), precision)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_sct_weights_and_loss_stay_fp32_under_bf16_autocast(device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 1, 8, 8, generator=g).to(device) * 2 - 1
@@ -188,7 +203,7 @@ def test_sct_weights_and_loss_stay_fp32_under_bf16_autocast(device: torch.device
 @pytest.mark.slow
 def test_bf16_training_steps_run_under_autocast(digits_run: Path, device: torch.device, monkeypatch) -> None:
     seen: list[tuple[bool, torch.dtype]] = []
-    real = trainer.train.consistency_loss
+    real = trainer.step.consistency_loss
 
     def loss_spy(*args: Any, **kw: Any):
         seen.append((torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)))
@@ -196,7 +211,7 @@ def test_bf16_training_steps_run_under_autocast(digits_run: Path, device: torch.
         assert out.loss.dtype == torch.float32
         return out
 
-    monkeypatch.setattr(trainer.train, "consistency_loss", loss_spy)
+    monkeypatch.setattr(trainer.step, "consistency_loss", loss_spy)
     rep = Collect()
     train(tiny(digits_run, device, precision="bf16"), rep)
     losses = [r["loss"] for r in rep.rows if "loss" in r]
@@ -224,14 +239,14 @@ class SyncGuardEma(Ema):
 def _watch_devices(monkeypatch: pytest.MonkeyPatch, method: str) -> list[tuple[str, torch.device]]:
     """Record where the batch, the dataset, the references and the model are at each training step."""
     seen: list[tuple[str, torch.device]] = []
-    real_batch, real_refs = trainer.train._batch, trainer.train.reference_set
+    real_batch, real_refs = trainer.step.draw_batch, trainer.step.reference_set
     loss_name = "edm_loss" if method == "edm" else "consistency_loss"
-    real_loss = getattr(trainer.train, loss_name)
+    real_loss = getattr(trainer.step, loss_name)
 
-    def batch_spy(data, b, conditional, device):
-        idx, x, labels = real_batch(data, b, conditional, device)
-        seen.extend([("dataset", data.images.device), ("batch", x.device), ("batch_idx", idx.device)])
-        return idx, x, labels
+    def batch_spy(data, b, **kw: Any):
+        batch = real_batch(data, b, **kw)
+        seen.extend([("dataset", data.images.device), ("batch", batch.x.device), ("batch_idx", batch.idx.device)])
+        return batch
 
     def refs_spy(*args: Any, **kw: Any):
         refs, valid, ref_labels = real_refs(*args, **kw)
@@ -244,9 +259,9 @@ def _watch_devices(monkeypatch: pytest.MonkeyPatch, method: str) -> list[tuple[s
         seen.append(("loss", out.loss.device))
         return out
 
-    monkeypatch.setattr(trainer.train, "_batch", batch_spy)
-    monkeypatch.setattr(trainer.train, "reference_set", refs_spy)
-    monkeypatch.setattr(trainer.train, loss_name, loss_spy)
+    monkeypatch.setattr(trainer.step, "draw_batch", batch_spy)
+    monkeypatch.setattr(trainer.step, "reference_set", refs_spy)
+    monkeypatch.setattr(trainer.step, loss_name, loss_spy)
     return seen
 
 

@@ -149,3 +149,61 @@ def test_phased_model_tunes_from_a_one_phase_pretrain(tmp_path):
     assert res.metrics["fid_1step"] > 0
     state = torch.load(res.checkpoint_dir / "state.pt", weights_only=True)
     assert "phase_edges" not in state["model"]
+
+
+def _null_row_grad(tmp_path: Path, method: str, **guidance) -> torch.Tensor:
+    """The gradient of the null label's embedding row after one real training step of a conditional model."""
+    from trainer.step import TrainState, make_optimizer, train_step
+    from trainer.train import _load_data, build_model
+
+    cfg = tiny(tmp_path, method=method, data={"conditional": True}, guidance=guidance)
+    torch.manual_seed(0)
+    data = _load_data(cfg, torch.device("cpu"))
+    model = build_model(cfg, data)
+    state = TrainState(model, make_optimizer(cfg, model), None)  # type: ignore[arg-type]  (no EMA needed)
+    train_step(cfg, state, data, 0, device=torch.device("cpu"), replay=True)
+    return model.net.map_label.weight.grad[data.num_classes]
+
+
+@pytest.mark.parametrize("method", ["edm", "sct"])
+def test_classic_guidance_trains_the_null_label(tmp_path, method):
+    """Classic CFG mixes with the null label, so training drops labels to it (rate 0.1 by default): its
+    embedding gets gradient. Auto guidance draws no label dropout unless asked, and leaves it untouched."""
+    assert _null_row_grad(tmp_path, method, mode="classic").abs().sum() > 0
+    assert _null_row_grad(tmp_path, method, mode="auto", label_dropout=0.2).abs().sum() > 0
+    assert _null_row_grad(tmp_path, method, mode="auto").abs().sum() == 0
+
+
+def test_classic_guidance_is_refused_without_label_dropout(tmp_path):
+    from trainer.errors import ConfigError
+    from trainer.train import check_classic_guidance
+
+    with pytest.raises(ValueError, match="guidance.label_dropout > 0"):
+        tiny(tmp_path, data={"conditional": True}, guidance={"mode": "classic", "label_dropout": 0.0})
+    with pytest.raises(ValueError, match="classic needs data.conditional"):
+        tiny(tmp_path, guidance={"mode": "classic"})
+    with pytest.raises(ConfigError, match="trained without it"):
+        check_classic_guidance(Path("ckpt"), {"label_dropout": 0.0})
+    with pytest.raises(ConfigError, match="trained without it"):
+        check_classic_guidance(Path("ckpt"), {})  # a checkpoint from before label dropout existed
+    check_classic_guidance(Path("ckpt"), {"label_dropout": 0.1})
+
+
+@pytest.mark.slow
+def test_classic_checkpoint_records_label_dropout_and_samples(tmp_path):
+    """A classic-CFG run records the label-dropout rate it trained with; `sct-sweep sample` then guides with
+    the null label, and refuses an auto-guidance checkpoint of the same model switched to classic."""
+    from sct_sweeps.sampling import sample_grid
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.errors import ConfigError
+
+    cfg = tiny(tmp_path, method="sct", iterations=10, data={"conditional": True},
+               guidance={"mode": "classic", "strength": 1.5})
+    res = train(cfg, Collect())
+    state = load_checkpoint(res.checkpoint_dir / "state.pt")
+    assert state["label_dropout"] == pytest.approx(0.1)
+    assert sample_grid(res.checkpoint_dir, 1, None, 1.5, 16, 0, "cpu", tmp_path / "g.png").is_file()
+    state["label_dropout"] = 0.0  # as an auto-guidance run leaves it
+    save_checkpoint(tmp_path / "old" / "state.pt", state)
+    with pytest.raises(ConfigError, match="trained without it"):
+        sample_grid(tmp_path / "old", 1, None, 1.5, 16, 0, "cpu", tmp_path / "h.png")

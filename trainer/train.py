@@ -232,8 +232,10 @@ def _start(cfg: TrainConfig, reporter: Reporter | None, resume_from: Path | None
 def save_state(run: Run, done: int) -> Path:
     """Checkpoint directory `checkpoints/it<done>` (atomic `state.pt`); keeps the newest two."""
     d = run.out_dir / "checkpoints" / f"it{done:07d}"
-    save_checkpoint(d / "state.pt", {**run.state.state_dict(), "rng": _rng_state(),
-                                     "config": run.cfg.model_dump_json(), "params": run.n_params})
+    cfg = run.cfg
+    save_checkpoint(d / "state.pt", {**run.state.state_dict(), "rng": _rng_state(), "config": cfg.model_dump_json(),
+                                     "params": run.n_params,
+                                     "label_dropout": cfg.guidance.label_dropout_rate(cfg.data.conditional)})
     for old in sorted((run.out_dir / "checkpoints").glob("it*"))[:-2]:
         for f in old.iterdir():
             f.unlink()
@@ -329,6 +331,14 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
         evaluate(run, cfg.iterations)
     return TrainResult(metrics=run.metrics, checkpoint_dir=run.last_ckpt, iterations=cfg.iterations,
                        params=run.n_params, history=run.history)
+
+
+def check_classic_guidance(path: Path, state: Mapping[str, Any]) -> None:
+    """Classic CFG mixes with the null label: refuse a checkpoint whose training never dropped labels to it
+    (checkpoints older than label dropout carry no `label_dropout` and are refused too)."""
+    if not state.get("label_dropout"):
+        raise ConfigError(f"guidance.mode: classic needs a model trained with label dropout; {path} was trained "
+                          "without it (its null label is untrained): use guidance.mode auto")
 
 
 def load_for_sampling(path: Path, device: str = "auto") -> tuple[ConsistencyModel, TrainConfig, dict[str, Any]]:
