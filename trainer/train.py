@@ -109,7 +109,7 @@ def _set_rng_state(state: Mapping[str, torch.Tensor]) -> None:
 
 
 def pretrain(cfg: TrainConfig, path: Path, reporter: Reporter | None = None) -> Path:
-    """Phase one: EDM diffusion pretraining (spec §2) into checkpoint file `path` (EMA weights).
+    """Phase one: EDM diffusion pretraining (docs/algorithms.md §2) into checkpoint file `path` (EMA weights).
 
     Checkpoints as it goes (`<path>.partial`), so an interrupted pretrain continues where it stopped.
     """
@@ -327,7 +327,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
         ema.update(model, it)
         done = it + 1
         cost["flops"] += flops_per_step
-        if done in snap_at:  # EMA snapshots for SCT's guidance (spec §4.5)
+        if done in snap_at:  # EMA snapshots for SCT's guidance (docs/algorithms.md §4.5)
             snapshots[snap_at[done]] = {k: v.detach().clone() for k, v in ema.model.state_dict().items()}
         if done % cfg.log_every == 0 or done == cfg.iterations:
             loss = float(loss_sum) / ((done - 1) % cfg.log_every + 1)
