@@ -150,6 +150,27 @@ def test_every_algorithms_reference_names_a_heading() -> None:
     assert checked >= 50, f"only {checked} references found: the scanner is not seeing the code's citations"
 
 
+def test_tests_named_in_section_9_exist() -> None:
+    """Every `test_x.py::test_name` (or `::test_name` after a named file) in the §9 table is a test function."""
+    text = ALGORITHMS.read_text(encoding="utf-8")
+    table = text[text.index(f"## {SS}9 "):text.index(f"## {SS}10 ")]
+    named, missing = 0, []
+    for row in (r for r in table.splitlines() if r.startswith("|")):
+        current = None
+        for m in re.finditer(r"`(test_\w+\.py)?(?:::(\w+))?`", row):
+            current = m.group(1) or current
+            if current is None or not (ROOT / "tests" / current).is_file():
+                missing.append(f"{current}: no such test file")
+                continue
+            if m.group(2):
+                named += 1
+                src = (ROOT / "tests" / current).read_text(encoding="utf-8")
+                if not re.search(rf"^def {m.group(2)}\(", src, re.MULTILINE):
+                    missing.append(f"{current}::{m.group(2)}")
+    assert not missing, "docs/algorithms.md §9 names tests that do not exist:\n" + "\n".join(missing)
+    assert named >= 60, f"only {named} tests named in §9"
+
+
 @pytest.mark.parametrize(
     ("line", "flagged"),
     [
