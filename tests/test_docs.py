@@ -180,6 +180,7 @@ def test_tests_named_in_section_9_exist() -> None:
         (f"keep Ray on loopback (docs/{'stack'}.md)", False),
         (f"see docs/algorithms.md {SS}3 step 2", False),
     ],
+    ids=["bare-spec-section", "spec-folder", "bare-stack-notes", "docs-stack", "algorithms-section"],
 )
 def test_outside_pattern_catches_what_it_should(line: str, flagged: bool) -> None:
     assert bool(OUTSIDE.search(line)) is flagged
