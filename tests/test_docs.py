@@ -2,10 +2,9 @@
 
 Code, tests, configs, scripts and docs cite only documents inside the repository: no project-private
 spec folder, no section number after the bare word "spec", no stack notes other than `docs/stack.md`;
-and every section of
-`docs/algorithms.md` they cite (``docs/algorithms.md §4.1``, ``§3 step 4``, ``§3 steps 3-6``) is a
-heading there. The patterns and the examples below are assembled (the section sign is `SS`) so that this file
-does not match them itself.
+every section of `docs/algorithms.md` they cite (``docs/algorithms.md §4.1``, ``§3 step 4``,
+``§3 steps 3-6``) is a heading there; and every test its §9 table names exists. The patterns and the
+examples below are assembled (the section sign is `SS`) so that this file does not match them itself.
 """
 
 from __future__ import annotations
