@@ -9,10 +9,10 @@ unit-magnitude output. The network ends in a learned scalar gain that starts at 
 `EDM2UNet` takes the original `UNet`'s constructor arguments and defaults and has the same state-dict keys and
 shapes, so a published checkpoint's tensors load strictly; `forward(x, noise_labels, class_labels)` computes
 the original's F (class_labels one-hot rows [N, label_dim] or None = all-zero rows, EDM's "no class").
-Differences that leave the output unchanged: weights stay float32 (the trainer's autocast picks the compute
-dtype, where the original casts to fp16 itself), dropout goes through the trainer's tape, attention uses
-`scaled_dot_product_attention`, and the in-place forced weight normalisation runs only in passes that build
-a graph (see `MPConv`).
+Differences that leave the output unchanged up to float rounding: weights stay float32 (the trainer's
+autocast picks the compute dtype, where the original casts to fp16 itself), dropout goes through the
+trainer's tape, attention uses `scaled_dot_product_attention`, and the in-place forced weight normalisation
+runs only in passes that build a graph (see `MPConv`).
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ class MPConv(nn.Module):
     that its norm cannot grow over training. It is done in training mode in passes that build a graph only
     (`torch.is_grad_enabled()`), not in every training-mode pass as in the original: the consistency loss runs
     the target pass in training mode (same dropout) under `no_grad` after the prediction pass, and an in-place
-    write there would bump the version of a weight the prediction's graph saved, failing its backward. The
-    skipped write changes nothing the network computes: the weight it would renormalise is already normalised.
+    write there would bump the version of a weight the prediction's graph saved, failing its backward. Skipping
+    it changes no output: the pass uses normalize(w), which does not depend on w's scale (beyond the 1e-4 eps),
+    and after a graph-building pass in the same step w is already normalised.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]) -> None:
