@@ -95,7 +95,8 @@ class MPConv(nn.Module):
     the target pass in training mode (same dropout) under `no_grad` after the prediction pass, and an in-place
     write there would bump the version of a weight the prediction's graph saved, failing its backward. Skipping
     it changes no output: the pass uses normalize(w), which does not depend on w's scale (beyond the 1e-4 eps),
-    and after a graph-building pass in the same step w is already normalised.
+    and after a graph-building pass in the same step w is already normalised. (Two graph-building passes before
+    one backward would still conflict, as they do in the original.)
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]) -> None:
