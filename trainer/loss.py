@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import LossConfig
-from trainer.networks import UNet, same_dropout
+from trainer.networks import same_dropout
 from trainer.precond import ConsistencyModel
 from trainer.target import sct_x0_offset, target_point
 
@@ -79,7 +79,7 @@ def _one_dropout_mask(model: ConsistencyModel, device: torch.device, replay: boo
     """Two passes, one dropout mask (docs/algorithms.md §3 step 4). Yields what to call between the passes: replay
     the first pass's recorded masks, or (`replay=False`) restore the RNG state so that the second
     pass draws the same masks again."""
-    if replay and isinstance(model.net, UNet):  # only our U-Net reads the tape
+    if replay and hasattr(model.net, "tape"):  # a network that reads the tape (all of ours)
         with same_dropout(model.net) as tape:
             yield tape.replay
         return

@@ -102,6 +102,13 @@ class DropoutTape:
         self.replaying, self._next = True, 0
 
 
+def apply_dropout(x: torch.Tensor, p: float, *, training: bool, tape: DropoutTape | None) -> torch.Tensor:
+    """Dropout of every network here: through `tape` when one records/replays masks, else `F.dropout`."""
+    if tape is not None and training and p > 0:
+        return tape.dropout(x, p)
+    return F.dropout(x, p=p, training=training)
+
+
 class UNetBlock(nn.Module):
     """Residual block: norm-SiLU-conv, + embedding, norm-SiLU-dropout-conv, skip, optional attention."""
 
@@ -142,12 +149,7 @@ class UNetBlock(nn.Module):
         orig = x
         x = self.conv0(self._resample(F.silu(self.norm0(x))))
         x = x + self.affine(emb)[:, :, None, None].to(x.dtype)  # additive embedding (DDPM++)
-        x = F.silu(self.norm1(x))
-        if tape is not None and self.training and self.dropout > 0:
-            x = tape.dropout(x, self.dropout)
-        else:
-            x = F.dropout(x, p=self.dropout, training=self.training)
-        x = self.conv1(x)
+        x = self.conv1(apply_dropout(F.silu(self.norm1(x)), self.dropout, training=self.training, tape=tape))
         skip = self.skip(self._resample(orig)) if self.skip is not None else orig
         x = (x + skip) * SKIP_SCALE
         if self.attention:
@@ -255,7 +257,7 @@ class UNet(nn.Module):
 
 
 @contextmanager
-def same_dropout(net: UNet) -> Iterator[DropoutTape]:
+def same_dropout(net: nn.Module) -> Iterator[DropoutTape]:
     """Inside: `net`'s first forward pass records its dropout masks; after `tape.replay()` the next
     passes reuse them, drawing no new ones (the consistency target's pass, docs/algorithms.md §3 step 4)."""
     net.tape = tape = DropoutTape()
