@@ -123,7 +123,7 @@ def matmul(n: int) -> tuple[Callable[[], object], float]:
 
 
 def target_only(data: Any, batch: int, n: int, cfg: TrainConfig) -> Callable[[], object]:
-    """SCT's variance-reduced target alone: reference set + x̂0 (spec §4.1) for one minibatch."""
+    """SCT's variance-reduced target alone: reference set + x̂0 (docs/algorithms.md §4.1) for one minibatch."""
 
     def fn() -> object:
         idx = torch.randperm(len(data))[:batch]

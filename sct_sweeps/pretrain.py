@@ -1,6 +1,6 @@
 """Shared pretraining: each distinct phase-one config is trained once, into a content-addressed cache.
 
-The cache key hashes everything phase one (EDM pretraining, spec §2) depends on — data, network,
+The cache key hashes everything phase one (EDM pretraining, docs/algorithms.md §2) depends on — data, network,
 preconditioning, pretrain settings, seed, precision — plus the trainer's source, and nothing that
 only the tuning phase reads. The driver builds every key the search space can produce before the
 Tuner starts (as Ray tasks, so on a cluster they spread over its nodes); a trial whose key could

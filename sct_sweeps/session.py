@@ -1,6 +1,6 @@
 """The Ray a sweep runs on: a private embedded one on 127.0.0.1, or an existing cluster.
 
-Embedded mode sets the loopback switch before ray is first imported (stack.md) and shuts Ray down
+Embedded mode sets the loopback switch before ray is first imported (docs/stack.md) and shuts Ray down
 at the end; cluster mode (`--address` / RAY_ADDRESS) connects and leaves the cluster running.
 """
 
@@ -45,7 +45,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
         return
-    # Before ray is imported: keep every Ray process on loopback, no token warning (stack.md).
+    # Before ray is imported: keep every Ray process on loopback, no token warning (docs/stack.md).
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)

@@ -1,7 +1,7 @@
 """Shared test setup: Ray on loopback, private stores per test, a real MLflow server, process hygiene.
 
 Environment set here, before anything imports ray: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` keeps an
-embedded Ray on 127.0.0.1 (stack.md) — a multi-node test must drop it from its subprocesses' env
+embedded Ray on 127.0.0.1 (docs/stack.md) — a multi-node test must drop it from its subprocesses' env
 (see `cluster_env`); `RAY_AUTH_MODE=disabled` silences the token warning; usage stats off.
 """
 

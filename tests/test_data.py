@@ -26,7 +26,7 @@ def test_digits_shape_range_labels() -> None:
     assert ds.images.dtype == torch.float32 and ds.labels.dtype == torch.int64
     assert ds.images.min() == -1.0 and ds.images.max() == 1.0
     assert ds.num_classes == 10 and set(ds.labels.tolist()) == set(range(10))
-    # x = v/8 - 1: every value is on the 1/8 grid (spec §8)
+    # x = v/8 - 1: every value is on the 1/8 grid (docs/algorithms.md §8)
     assert torch.equal((ds.images + 1) * 8, ((ds.images + 1) * 8).round())
     assert 0.6 < dataset_std(ds) < 0.9
 
@@ -160,7 +160,7 @@ def test_real_fmnist(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ds.images.shape == (60000, 1, 32, 32)
     assert ds.images.min() == -1.0 and ds.images.max() == 1.0
     assert ds.num_classes == 10 and torch.equal(ds.labels.bincount(), torch.full((10,), 6000))
-    assert abs(dataset_std(ds) - 0.66) < 0.02  # spec §8
+    assert abs(dataset_std(ds) - 0.66) < 0.02  # docs/algorithms.md §8
     assert len(load_dataset(cfg, "test")) == 10000
 
 

@@ -1,4 +1,4 @@
-"""trainer.ema (spec §3 step 7, §8) and trainer.checkpoint (atomic, sha256, weights_only)."""
+"""trainer.ema (docs/algorithms.md §3 step 7, §8) and trainer.checkpoint (atomic, sha256, weights_only)."""
 
 from __future__ import annotations
 

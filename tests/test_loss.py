@@ -1,4 +1,4 @@
-"""trainer.loss against spec §2 (EDM loss), §3 steps 3-6 (ECT), §4.1/§4.3 (SCT, phases), §6 (iCT)."""
+"""trainer.loss against docs/algorithms.md §2 (EDM loss), §3 steps 3-6 (ECT), §4.1/§4.3 (SCT, phases), §6 (iCT)."""
 
 from __future__ import annotations
 
@@ -36,16 +36,16 @@ def _manual_loss(
     model: ConsistencyModel, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cfg: LossConfig, method: str,
     refs: torch.Tensor | None = None, detach_target: bool = True,
 ) -> torch.Tensor:
-    """The spec's loss written out independently; call right after seeding the global RNG."""
+    """docs/algorithms.md §3, §4.1, §4.3 written out independently; call right after seeding the global RNG."""
     eps = torch.randn_like(x)
     t4, r4 = t.reshape(-1, 1, 1, 1), r.reshape(-1, 1, 1, 1)
     x_t = x + t4 * eps
     edges = model.phase_edges.tolist()[:-1] or [0.0]  # lower edges; t > t_max stays in the top phase
     s_j = torch.tensor([max(e for e in edges if e < tv) for tv in t.tolist()]).reshape(-1, 1, 1, 1)
-    r4 = torch.maximum(r4, s_j)  # r' = max(r, s_j) (spec §4.3)
+    r4 = torch.maximum(r4, s_j)  # r' = max(r, s_j) (docs/algorithms.md §4.3)
     if refs is None:
-        x_r = x + r4 * eps  # ECT (spec §3 step 3)
-    else:  # SCT (spec §4.1), float64 posterior mean over all refs
+        x_r = x + r4 * eps  # ECT (docs/algorithms.md §3 step 3)
+    else:  # SCT (docs/algorithms.md §4.1), float64 posterior mean over all refs
         d2 = ((x_t.double().flatten(1)[:, None] - refs.double().flatten(1)[None]) ** 2).sum(-1)
         w = torch.softmax(-d2 / (2 * t.double()[:, None] ** 2), dim=1)
         x0 = (w @ refs.double().flatten(1)).reshape(x.shape)
@@ -99,7 +99,7 @@ def test_sct_loss_equals_manual() -> None:
 
 
 def test_ict_loss_uses_shift_and_default_c() -> None:
-    """iCT puts the boundary at the grid minimum sigma_min = 0.002 (spec §6): f(x, 0.002) = x."""
+    """iCT puts the boundary at the grid minimum sigma_min = 0.002 (docs/algorithms.md §6): f(x, 0.002) = x."""
     model = tiny_model().train()
     x = _batch()
     cfg = LossConfig()  # c = None → 0.00054·√64 for iCT
@@ -237,7 +237,7 @@ def test_edm_loss_equals_manual() -> None:
     torch.manual_seed(2)
     sigma = (-1.2 + 1.2 * torch.randn(8)).exp().reshape(-1, 1, 1, 1)
     n = torch.randn_like(x)
-    lam = (sigma**2 + SD**2) / (sigma * SD) ** 2  # λ(σ) (spec §2)
+    lam = (sigma**2 + SD**2) / (sigma * SD) ** 2  # λ(σ) (docs/algorithms.md §2)
     want = (lam * (model.denoise(x + sigma * n, sigma) - x) ** 2).mean()
     torch.testing.assert_close(got.loss, want)
     torch.testing.assert_close(got.t, sigma.flatten())

@@ -1,4 +1,4 @@
-"""trainer.precond against spec §1 (EDM preconditioning, σ_min shift) and §4.3 (phased model)."""
+"""trainer.precond against docs/algorithms.md §1 (EDM preconditioning, σ_min shift) and §4.3 (phased model)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_phased_forward_formula_and_boundary() -> None:
     for j in range(edges.numel() - 1):
         lo, hi = edges[j].item(), edges[j + 1].item()
         t = (lo + hi) / 2
-        want = (lo / t) * x + (1 - lo / t) * model.denoise(x, t)  # spec §4.3
+        want = (lo / t) * x + (1 - lo / t) * model.denoise(x, t)  # docs/algorithms.md §4.3
         torch.testing.assert_close(model(x, t), want, rtol=1e-6, atol=1e-6)
         # f(x, s_j⁺) = x.
         t_plus = lo * (1 + 1e-5) if lo > 0 else 1e-7

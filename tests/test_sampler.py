@@ -1,4 +1,4 @@
-"""trainer.sampler against spec §4.4 (edge-skipping η), §4.5 (guidance) and §5 (sampling, uint8)."""
+"""trainer.sampler against docs/algorithms.md §4.4 (edge-skipping η), §4.5 (guidance) and §5 (sampling, uint8)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _z(n: int = 3, seed: int = 0) -> torch.Tensor:
 
 def test_time_list() -> None:
     assert time_list(1, SAMP, PRE) == [80.0]
-    assert time_list(2, SAMP, PRE) == [80.0, 0.821]  # t_mid default (spec §5, CIFAR-10)
+    assert time_list(2, SAMP, PRE) == [80.0, 0.821]  # t_mid default (docs/algorithms.md §5, CIFAR-10)
     assert time_list(2, SamplerConfig(t_mid=1.526), PRE) == [80.0, 1.526]
     n, rho, lo, hi = 5, 7.0, 0.002, 80.0
     want = [(hi ** (1 / rho) + i / n * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)]
@@ -53,7 +53,7 @@ def test_renoise_eta1_is_the_stochastic_cm_sampler() -> None:
         g = torch.Generator().manual_seed(42)
         z = torch.randn(3, *SHAPE, generator=g)
         got = sample_renoise(x0_fn(model), z, times, 1.0, None, g)
-        # By hand: x = f(τ_0·z, τ_0); then x = f(x + τ_i·z_i, τ_i) (Song et al. 2023, Alg. 1; spec §5).
+        # By hand: x = f(τ_0·z, τ_0); then x = f(x + τ_i·z_i, τ_i) (Song et al. 2023, Alg. 1; docs/algorithms.md §5).
         g = torch.Generator().manual_seed(42)
         z = torch.randn(3, *SHAPE, generator=g)
         x = model(times[0] * z, times[0], shift=True)
@@ -124,7 +124,7 @@ def test_ddim_skip_eta_skips_past_edges() -> None:
     sample_ddim_skip(f, _z(), times, eta, None)
     edges = [*times[1:], 0.0]
     want = [times[0]] + [edges[j] - eta * (edges[j] - edges[j + 1]) for j in range(len(edges) - 1)]
-    assert calls == pytest.approx(want)  # τ' = s_j − η·(s_j − s_{j−1}) (spec §4.4)
+    assert calls == pytest.approx(want)  # τ' = s_j − η·(s_j − s_{j−1}) (docs/algorithms.md §4.4)
 
 
 def test_ddim_skip_eta0_phased_model_is_edge_to_edge_consistency() -> None:
@@ -175,7 +175,7 @@ def test_autoguidance_is_the_linear_mix(w: float) -> None:
     with torch.no_grad():
         f_good, f_bad = good(x, 5.0, shift=True), bad(x, 5.0, shift=True)
         got = x0_fn(good, Guidance(w, "auto", bad))(x, 5.0, None)
-    torch.testing.assert_close(got, f_bad + w * (f_good - f_bad), rtol=1e-6, atol=1e-6)  # spec §4.5
+    torch.testing.assert_close(got, f_bad + w * (f_good - f_bad), rtol=1e-6, atol=1e-6)  # docs/algorithms.md §4.5
     assert (f_good - f_bad).abs().max() > 1e-3  # the mix is not trivially the good model
 
 

@@ -1,4 +1,4 @@
-"""trainer.schedule against spec §3 (ECT t, r(t), stages), §4.2 (smooth), §4.3 (edges), §6 (iCT)."""
+"""trainer.schedule against docs/algorithms.md §3 (ECT t, r(t), stages), §4.2 (smooth), §4.3 (edges), §6 (iCT)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ T_GRID = torch.tensor([0.002, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0], dtype=
 
 
 def _r_spec(t: float, s: float, mapping: str, q: float, k: float, b: float) -> float:
-    """Spec §3 step 2, written independently: r = t(1 − q^{−(s+1)}(1 + k·σ(−bt))) or t(1 − q^{−(s+1)})."""
+    """docs/algorithms.md §3 step 2, written independently: r = t(1 − q^{−(s+1)}(1 + k·σ(−bt))) or t(1 − q^{−(s+1)})."""
     if mapping == "sigmoid":
         sig = 1.0 / (1.0 + math.exp(b * t))  # sigmoid(−b·t)
         r = t * (1.0 - q ** (-(s + 1)) * (1.0 + k * sig))
@@ -61,7 +61,7 @@ def test_stage_advances_at_stage_iters() -> None:
     assert [stage(i, 100) for i in (0, 1, 99, 100, 101, 199, 200, 799, 800)] == [0, 0, 0, 1, 1, 1, 2, 7, 8]
     assert stage(150, 100, smooth=True) == pytest.approx(1.5)
     assert stage(0, 100, smooth=True) == 0.0
-    assert TrainConfig(iterations=800).stage_iters == 100  # default: iterations / 8 (spec §3)
+    assert TrainConfig(iterations=800).stage_iters == 100  # default: iterations / 8 (docs/algorithms.md §3)
     assert TrainConfig(iterations=800, schedule=ScheduleConfig(double_every=30)).stage_iters == 30
 
 
@@ -95,7 +95,7 @@ def test_sample_t_r_ect_uses_the_stage_of_the_iteration() -> None:
         torch.manual_seed(1)
         t, r, _ = sample_t_r(64, it, 800, 100, "ect", sched, ict, 0.002, 80.0)
         torch.testing.assert_close(r, ect_r(t, s, sched))
-    # clamp_t clamps t to [sigma_min, sigma_max]; without it t is not clamped (spec §3 step 1).
+    # clamp_t clamps t to [sigma_min, sigma_max]; without it t is not clamped (docs/algorithms.md §3 step 1).
     torch.manual_seed(2)
     t = sample_t_r(4000, 0, 800, 100, "sct", sched, ict, 0.002, 80.0).t
     assert t.min() < 0.002 and t.max() > 80.0
@@ -132,7 +132,7 @@ def test_phase_edges_no_degenerate_bottom_phase(m: int) -> None:
 
 
 def _num_scales_spec(k: int, total: int, s0: int, s1: int) -> int:
-    """Spec §6: N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K/(log2⌊s1/s0⌋ + 1)⌋."""
+    """docs/algorithms.md §6: N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K/(log2⌊s1/s0⌋ + 1)⌋."""
     k_prime = math.floor(total / (math.log2(math.floor(s1 / s0)) + 1))
     return min(s0 * 2 ** math.floor(k / k_prime), s1) + 1
 

@@ -1,4 +1,4 @@
-"""trainer.target against spec §4.1: SCT's variance-reduced target, reference sets, conditional masking."""
+"""trainer.target against docs/algorithms.md §4.1: SCT's variance-reduced target, reference sets, class masking."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _ids(refs: torch.Tensor) -> list[int]:
 
 
 def _posterior_mean_spec(x_t: torch.Tensor, t: float, ys: torch.Tensor) -> torch.Tensor:
-    """x̂_0 = Σ_j softmax_j(−‖x_t − y_j‖²/(2t²))·y_j in float64, written independently (spec §4.1)."""
+    """x̂_0 = Σ_j softmax_j(−‖x_t − y_j‖²/(2t²))·y_j in float64, written independently (docs/algorithms.md §4.1)."""
     d2 = ((x_t.double().flatten(1)[:, None, :] - ys.double().flatten(1)[None, :, :]) ** 2).sum(-1)
     w = torch.softmax(-d2 / (2 * t**2), dim=1)
     return (w @ ys.double().flatten(1)).reshape(x_t.shape)
@@ -49,7 +49,7 @@ def test_n1_equals_ect_exactly() -> None:
         sct = target_point(x, eps, t4, r4, offset)
         ect = target_point(x, eps, t4, r4)
         assert torch.equal(sct, ect)
-        assert torch.equal(ect, x + r4 * eps)  # ECT's x + r·ε (spec §3 step 3)
+        assert torch.equal(ect, x + r4 * eps)  # ECT's x + r·ε (docs/algorithms.md §3 step 3)
         assert torch.equal(ess, torch.ones(32))
 
 
@@ -178,7 +178,7 @@ def _target_mse(n: int | str, t_val: float, reps: int = 4, batch: int = 128) -> 
 
 
 def test_sct_target_has_lower_variance_on_digits() -> None:
-    """Variance reduction of the target on real data at moderate and large t (spec §4.1)."""
+    """Variance reduction of the target on real data at moderate and large t (docs/algorithms.md §4.1)."""
     factors = {}
     for t_val in (0.5, 1.0, 2.0, 5.0, 20.0, 80.0):
         ect, sct = _target_mse(256, t_val)

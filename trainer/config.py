@@ -1,6 +1,6 @@
 """TrainConfig: every setting of one training run, as plain pydantic data.
 
-Defaults follow ../shared/spec/algorithms.md (ECT CIFAR-10 code unless noted). Unknown keys are
+Defaults follow docs/algorithms.md (ECT CIFAR-10 code unless noted). Unknown keys are
 errors everywhere (``extra="forbid"``), so a typo in a YAML file never silently does nothing.
 """
 
@@ -38,6 +38,16 @@ class NetworkConfig(_Strict):
     attn_resolutions: list[int] = Field(default_factory=list)  # resolutions with self-attention
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     embedding: Literal["positional", "fourier"] = "positional"
+    # EDM2 (arch: edm2): the magnitude-preserving U-Net's knobs (Karras et al. 2024); other networks ignore them.
+    channel_mult_noise: int | None = Field(None, gt=0)  # noise-embedding width / model_channels; None = channel_mult[0]
+    channel_mult_emb: int | None = Field(None, gt=0)  # embedding width / model_channels; None = max(channel_mult)
+    channels_per_head: int = Field(64, gt=0)  # attention head width
+    label_balance: float = Field(0.5, ge=0.0, le=1.0)  # embedding mix: noise level (0) vs class (1)
+    concat_balance: float = Field(0.5, ge=0.0, le=1.0)  # decoder input mix: encoder skip (0) vs main path (1)
+    res_balance: float = Field(0.3, ge=0.0, le=1.0)  # block output mix: main branch (0) vs residual branch (1)
+    attn_balance: float = Field(0.3, ge=0.0, le=1.0)  # block output mix: main branch (0) vs self-attention (1)
+    clip_act: float | None = Field(256.0, gt=0.0)  # clip block outputs to [-clip_act, clip_act]; None = no clip
+    # end EDM2
 
     @field_validator("channel_mult")
     @classmethod
@@ -48,7 +58,7 @@ class NetworkConfig(_Strict):
 
 
 class PrecondConfig(_Strict):
-    """EDM preconditioning (spec §1)."""
+    """EDM preconditioning (docs/algorithms.md §1)."""
 
     sigma_data: float = Field(0.5, gt=0.0)
     sigma_min: float = Field(0.002, gt=0.0)  # sampler's lowest noise level
@@ -57,7 +67,7 @@ class PrecondConfig(_Strict):
 
 
 class PretrainConfig(_Strict):
-    """Phase one: EDM diffusion pretraining (spec §2). Its checkpoint initialises tuning."""
+    """Phase one: EDM diffusion pretraining (docs/algorithms.md §2). Its checkpoint initialises tuning."""
 
     iterations: int = Field(2000, ge=0)
     batch_size: int = Field(128, gt=0)
@@ -68,7 +78,7 @@ class PretrainConfig(_Strict):
 
 
 class ScheduleConfig(_Strict):
-    """ECT noise distribution, mapping r(t) and stage curriculum (spec §3, §4.2)."""
+    """ECT noise distribution, mapping r(t) and stage curriculum (docs/algorithms.md §3, §4.2)."""
 
     p_mean: float = -1.1
     p_std: float = Field(2.0, gt=0.0)
@@ -82,7 +92,7 @@ class ScheduleConfig(_Strict):
 
 
 class IctConfig(_Strict):
-    """iCT discretization curriculum (spec §6)."""
+    """iCT discretization curriculum (docs/algorithms.md §6)."""
 
     s0: int = Field(10, gt=0)
     s1: int = Field(1280, gt=0)
@@ -90,7 +100,7 @@ class IctConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """Distance and weighting (spec §3 steps 5-6)."""
+    """Distance and weighting (docs/algorithms.md §3 steps 5-6)."""
 
     # pseudo_huber: sqrt(L + c^2) - c of the per-sample squared L2 sum L (ECT's default, with c ~ 0 = sqrt(L));
     # l2: L itself.
@@ -100,7 +110,7 @@ class LossConfig(_Strict):
 
 
 class SctConfig(_Strict):
-    """SCT variance-reduced target (spec §4.1) and phased training (§4.3)."""
+    """SCT variance-reduced target (docs/algorithms.md §4.1) and phased training (§4.3)."""
 
     ref_batch: int | Literal["all"] = 256  # reference-set size n, own sample included; 1 = ECT
     phases: int = Field(1, gt=0)  # 1 = ordinary ECT/SCT; M > 1 = phased (multistep) model
@@ -115,7 +125,7 @@ class SctConfig(_Strict):
 
 
 class GuidanceConfig(_Strict):
-    """SCT's guidance (spec §4.5): a weaker EMA snapshot guides the model; classic CFG optional."""
+    """SCT's guidance (docs/algorithms.md §4.5): a weaker EMA snapshot guides the model; classic CFG optional."""
 
     mode: Literal["auto", "classic"] = "auto"  # auto = guide with an earlier EMA snapshot
     strength: float = Field(1.0, ge=0.0)  # w; 1 = no guidance
@@ -136,7 +146,7 @@ class GuidanceConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
-    """Samplers (spec §4.4, §5)."""
+    """Samplers (docs/algorithms.md §4.4, §5)."""
 
     t_mid: float = Field(0.821, gt=0.0)  # 2-step intermediate time (CIFAR-10 value)
     steps: list[int] = Field(default_factory=lambda: [1, 2])  # step counts evaluated
@@ -155,7 +165,7 @@ class SamplerConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    """Optimiser of the tuning phase (spec §3 step 7)."""
+    """Optimiser of the tuning phase (docs/algorithms.md §3 step 7)."""
 
     name: Literal["radam", "adam"] = "radam"
     lr: float = Field(1e-4, gt=0.0)
@@ -165,7 +175,7 @@ class OptimConfig(_Strict):
 
 
 class EmaConfig(_Strict):
-    """EMA of the weights (spec §3, §8)."""
+    """EMA of the weights (docs/algorithms.md §3, §8)."""
 
     beta: float = Field(0.9999, gt=0.0, lt=1.0)
     warmup: bool = True  # beta_i = min(beta, (1 + i) / (10 + i)): sizes the EMA to short runs
@@ -235,7 +245,7 @@ class TrainConfig(_Strict):
 
     @property
     def stage_iters(self) -> int:
-        """Iterations per ECT stage: `schedule.double_every`, else iterations / 8 (spec §3)."""
+        """Iterations per ECT stage: `schedule.double_every`, else iterations / 8 (docs/algorithms.md §3)."""
         return self.schedule.double_every or max(1, self.iterations // 8)
 
 

@@ -1,9 +1,9 @@
 """Datasets as float tensors in [-1, 1] with int64 labels; local files only, never a download.
 
 Sources (``DataConfig.name``):
-- ``digits``: scikit-learn's bundled 8x8 digits (1797, values 0..16), x = v/8 - 1 (spec §8).
+- ``digits``: scikit-learn's bundled 8x8 digits (1797, values 0..16), x = v/8 - 1 (docs/algorithms.md §8).
 - ``fashion_mnist``: IDX gz files of the Debian package ``dataset-fashion-mnist``, 28x28 padded to
-  32x32 with the background value -1, x = v/127.5 - 1 (spec §8). Train 60k, test 10k.
+  32x32 with the background value -1, x = v/127.5 - 1 (docs/algorithms.md §8). Train 60k, test 10k.
 - ``cifar10``: the standard python pickle batches (``data_batch_1..5``, ``test_batch``).
 - ``imagenet64``: downsampled-ImageNet npz files (``train_data_batch_*.npz``, ``val_data.npz``).
 - ``folder``: ``root/<class_name>/*.png``, classes indexed by sorted folder name.
@@ -81,7 +81,7 @@ class ImageDataset:
 
 
 def dataset_std(ds: ImageDataset) -> float:
-    """Standard deviation of all pixel values (logged beside sigma_data, spec §1)."""
+    """Standard deviation of all pixel values (logged beside sigma_data, docs/algorithms.md §1)."""
     return float(ds.images.double().std().item())
 
 
@@ -124,7 +124,7 @@ def _resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
 
 
 def _uint8_to_unit(v: np.ndarray) -> torch.Tensor:
-    """uint8 0..255 -> float32 in [-1, 1]: x = v/127.5 - 1 (spec §8)."""
+    """uint8 0..255 -> float32 in [-1, 1]: x = v/127.5 - 1 (docs/algorithms.md §8)."""
     return torch.from_numpy(v.astype(np.float32)).div_(127.5).sub_(1.0)
 
 
@@ -167,7 +167,7 @@ def _load_digits(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Ten
     images, target = _digits_arrays()
     idx = _permuted_split(len(target), split)
     v = torch.from_numpy(images[idx].astype(np.float32))[:, None]  # [N, 1, 8, 8], 0..16
-    x = v / 8.0 - 1.0  # spec §8
+    x = v / 8.0 - 1.0  # docs/algorithms.md §8
     return x, torch.from_numpy(target[idx]), 10
 
 

@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights (spec §3 step 7, §8).
+"""Exponential moving average of the weights (docs/algorithms.md §3 step 7, §8).
 
 β_i = min(β, (1 + i)/(10 + i)) with warm-up on (sizes the EMA to short runs), else β.
 """
@@ -34,5 +34,5 @@ class Ema:
             b_ema.copy_(b)
 
     def snapshot(self) -> nn.Module:
-        """A frozen copy of the current EMA weights (SCT guidance's "bad model", spec §4.5)."""
+        """A frozen copy of the current EMA weights (SCT guidance's "bad model", docs/algorithms.md §4.5)."""
         return copy.deepcopy(self.model)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def draw_labels(data: ImageDataset, n: int, generator: torch.Generator, conditional: bool) -> torch.Tensor | None:
-    """Labels from the data's label distribution for a conditional model, else None (spec §5)."""
+    """Labels from the data's label distribution for a conditional model, else None (docs/algorithms.md §5)."""
     if not conditional:
         return None
     idx = torch.randint(0, len(data), (n,), generator=generator, device=data.labels.device)

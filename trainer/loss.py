@@ -1,6 +1,6 @@
 """Training losses: EDM denoising (phase one) and consistency tuning (ECT / SCT / iCT).
 
-Spec §2 (EDM), §3 steps 3-6 (ECT), §4.1 and §4.3 (SCT, phases), §6 (iCT).
+docs/algorithms.md §2 (EDM), §3 steps 3-6 (ECT), §4.1 and §4.3 (SCT, phases), §6 (iCT).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import LossConfig
-from trainer.networks import UNet, same_dropout
+from trainer.networks import same_dropout
 from trainer.precond import ConsistencyModel
 from trainer.target import sct_x0_offset, target_point
 
@@ -44,15 +44,16 @@ def default_c(method: str, dim: int) -> float:
 
 
 def distance(pred: torch.Tensor, target: torch.Tensor, kind: str, c: float) -> torch.Tensor:
-    """Per-sample L = Σ_pixels (pred − target)²; pseudo-Huber √(L + c²) − c (spec §3 step 5)."""
+    """Per-sample L = Σ_pixels (pred − target)²; pseudo-Huber √(L + c²) − c (docs/algorithms.md §3 step 5)."""
     sq = (pred - target).square().flatten(1).sum(1)
     return (sq + c**2).sqrt() - c if kind == "pseudo_huber" else sq
 
 
 def weighting(t: torch.Tensor, dt: torch.Tensor, kind: str, sigma_data: float) -> torch.Tensor:
-    """inv_dt: 1/Δt = 1/(t − r) (iCT, ECT CIFAR, SCT); snrpk: 1/t² + 1/σd² (ECT ImageNet)  (spec §3 step 6).
+    """inv_dt: 1/Δt = 1/(t − r) (iCT, ECT CIFAR, SCT); snrpk: 1/t² + 1/σd² (ECT ImageNet).
 
-    Δt comes from the schedule (`NoisePair.dt`), computed without the cancellation of t − r."""
+    docs/algorithms.md §3 step 6. Δt comes from the schedule (`NoisePair.dt`), computed without the
+    cancellation of t − r."""
     if kind == "inv_dt":
         return 1.0 / dt
     return 1.0 / t**2 + 1.0 / sigma_data**2
@@ -78,10 +79,10 @@ def replays_dropout(device: torch.device, compiled: bool) -> bool:
 
 @contextmanager
 def _one_dropout_mask(model: ConsistencyModel, device: torch.device, replay: bool) -> Iterator[Callable[[], None]]:
-    """Two passes, one dropout mask (spec §3 step 4). Yields what to call between the passes: replay
+    """Two passes, one dropout mask (docs/algorithms.md §3 step 4). Yields what to call between the passes: replay
     the first pass's recorded masks, or (`replay=False`) restore the RNG state so that the second
     pass draws the same masks again."""
-    if replay and isinstance(model.net, UNet):  # only our U-Net reads the tape
+    if replay and hasattr(model.net, "tape"):  # a network that reads the tape (all of ours)
         with same_dropout(model.net) as tape:
             yield tape.replay
         return
@@ -103,7 +104,7 @@ def consistency_loss(
     replay_dropout: bool | None = None,
     dt: torch.Tensor | None = None,
 ) -> LossOutput:
-    """ECT/SCT/iCT consistency loss for one minibatch at noise pairs (t, r) (spec §3, §4.1, §4.3).
+    """ECT/SCT/iCT consistency loss for one minibatch at noise pairs (t, r) (docs/algorithms.md §3, §4.1, §4.3).
 
     The prediction f_θ(x_t, t) has gradient; the target f_θ(x_r', r') uses the same weights with no
     gradient and the same dropout mask. r' = max(r, s_j) for a phased model; where r' is the lower
@@ -126,12 +127,12 @@ def consistency_loss(
         x0_offset, ess = sct_x0_offset(x, x_t, t, refs, valid)
     x_r = target_point(x, eps, t4, r4, x0_offset)
 
-    shift: bool | float = sigma_min if method == "ict" else False  # iCT: boundary at σ_min (spec §6)
+    shift: bool | float = sigma_min if method == "ict" else False  # iCT: boundary at σ_min (docs/algorithms.md §6)
     if replay_dropout is None:
         replay_dropout = replays_dropout(x.device, compiled=False)
     with _one_dropout_mask(model, x.device, replay_dropout) as second_pass:
         pred = model(x_t, t4, labels, shift=shift)
-        second_pass()  # same dropout mask for the target pass (spec §3 step 4)
+        second_pass()  # same dropout mask for the target pass (docs/algorithms.md §3 step 4)
         with torch.no_grad():
             on_edge = r4 <= edge
             f_r = model(x_r, torch.where(on_edge, torch.ones_like(r4), r4), labels, shift=shift)

@@ -6,7 +6,7 @@ decoder of `num_blocks + 1` blocks per level fed by encoder skips, and a GroupNo
 output head whose conv starts at 1e-5 scale so the untrained denoiser D = c_skip x + c_out F
 starts near c_skip x. The noise level enters through a positional (or Fourier) embedding and a
 2-layer MLP; class labels through an embedding whose last index `num_classes` is the null label.
-Dropout uses the global torch RNG, so restoring the RNG state replays the same mask (spec §3.4);
+Dropout uses the global torch RNG, so restoring the RNG state replays the same mask (docs/algorithms.md §3 step 4);
 inside `same_dropout(net)` the first pass keeps its masks and the next one reuses them instead.
 """
 
@@ -76,7 +76,7 @@ class FourierEmbedding(nn.Module):
 
 
 class DropoutTape:
-    """The dropout masks of one forward pass, kept so that a second pass reuses them (spec §3 step 4).
+    """The dropout masks of one forward pass, kept so that a second pass reuses them (docs/algorithms.md §3 step 4).
 
     A mask is drawn as CPU `F.dropout` draws it (`bernoulli_(1 − p)`, then `/ (1 − p)`), so on the
     CPU a recorded pass equals `F.dropout` bit for bit; replaying skips drawing the masks again.
@@ -100,6 +100,13 @@ class DropoutTape:
     def replay(self) -> None:
         """From now on, every pass reuses the recorded masks in order."""
         self.replaying, self._next = True, 0
+
+
+def apply_dropout(x: torch.Tensor, p: float, *, training: bool, tape: DropoutTape | None) -> torch.Tensor:
+    """Dropout of every network here: through `tape` when one records/replays masks, else `F.dropout`."""
+    if tape is not None and training and p > 0:
+        return tape.dropout(x, p)
+    return F.dropout(x, p=p, training=training)
 
 
 class UNetBlock(nn.Module):
@@ -142,12 +149,7 @@ class UNetBlock(nn.Module):
         orig = x
         x = self.conv0(self._resample(F.silu(self.norm0(x))))
         x = x + self.affine(emb)[:, :, None, None].to(x.dtype)  # additive embedding (DDPM++)
-        x = F.silu(self.norm1(x))
-        if tape is not None and self.training and self.dropout > 0:
-            x = tape.dropout(x, self.dropout)
-        else:
-            x = F.dropout(x, p=self.dropout, training=self.training)
-        x = self.conv1(x)
+        x = self.conv1(apply_dropout(F.silu(self.norm1(x)), self.dropout, training=self.training, tape=tape))
         skip = self.skip(self._resample(orig)) if self.skip is not None else orig
         x = (x + skip) * SKIP_SCALE
         if self.attention:
@@ -255,9 +257,9 @@ class UNet(nn.Module):
 
 
 @contextmanager
-def same_dropout(net: UNet) -> Iterator[DropoutTape]:
+def same_dropout(net: nn.Module) -> Iterator[DropoutTape]:
     """Inside: `net`'s first forward pass records its dropout masks; after `tape.replay()` the next
-    passes reuse them, drawing no new ones (the consistency target's pass, spec §3 step 4)."""
+    passes reuse them, drawing no new ones (the consistency target's pass, docs/algorithms.md §3 step 4)."""
     net.tape = tape = DropoutTape()
     try:
         yield tape

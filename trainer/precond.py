@@ -1,4 +1,4 @@
-"""EDM preconditioning and the consistency function f_θ (spec §1, §4.3).
+"""EDM preconditioning and the consistency function f_θ (docs/algorithms.md §1, §4.3).
 
     f_θ(x_t, t, c) = c_skip(t)·x_t + c_out(t)·F_θ(c_in(t)·x_t, c_noise(t), c)
 
@@ -50,7 +50,7 @@ class ConsistencyModel(nn.Module):
         self.net = net
         self.sigma_data = cfg.sigma_data
         self.sigma_min_shift = cfg.sigma_min_shift
-        # Phased model (spec §4.3): segment edges 0 = s_0 < ... < s_M; None = one phase.
+        # Phased model (docs/algorithms.md §4.3): segment edges 0 = s_0 < ... < s_M; None = one phase.
         # Derived from the config, not learned: not saved, and ignored when loading (so a one-phase
         # pretrain initialises a phased model and vice versa).
         edges = phase_edges if phase_edges is not None else torch.empty(0)
@@ -80,13 +80,13 @@ class ConsistencyModel(nn.Module):
     ) -> torch.Tensor:
         """Consistency function f_θ(x_t, t, c).
 
-        `shift`: True = ECT eval-mode boundary shift by `precond.sigma_min_shift` (spec §1); a float =
-        shift by that σ_min (iCT puts the boundary at the grid minimum, spec §6); False = plain EDM.
+        `shift`: True = ECT eval-mode boundary shift by `precond.sigma_min_shift` (docs/algorithms.md §1); a float =
+        shift by that σ_min (iCT puts the boundary at the grid minimum, docs/algorithms.md §6); False = plain EDM.
         """
         t = _bcast(t, x)
         sd = self.sigma_data
         if self.phase_edges.numel() > 0:
-            # Phased model: f = (s_j/t)·x_t + (1 − s_j/t)·D_θ(x_t, t), s_j = lower edge (spec §4.3).
+            # Phased model: f = (s_j/t)·x_t + (1 − s_j/t)·D_θ(x_t, t), s_j = lower edge (docs/algorithms.md §4.3).
             s_j = self.lower_edge(t)
             return (s_j / t) * x + (1.0 - s_j / t) * self.denoise(x, t, labels)
         s_min = float(shift) if not isinstance(shift, bool) else (self.sigma_min_shift if shift else 0.0)

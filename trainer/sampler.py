@@ -1,4 +1,4 @@
-"""Samplers: 1-step, 2-step and N-step with edge-skipping η, plus guidance (spec §4.4, §4.5, §5).
+"""Samplers: 1-step, 2-step and N-step with edge-skipping η, plus guidance (docs/algorithms.md §4.4, §4.5, §5).
 
 Every sampler is written in terms of the model's x0 estimate at (x, τ): for a one-phase model that
 is f_θ(x, τ); for a phased model it is D_θ(x, τ), from which f_θ(x, τ) = x0 + s_j·(x − x0)/τ.
@@ -20,7 +20,7 @@ X0Fn = Callable[[torch.Tensor, float, torch.Tensor | None], torch.Tensor]
 
 @dataclass
 class Guidance:
-    """SCT guidance: f_w = f_bad + w·(f_good − f_bad) (spec §4.5). w = 1 is no guidance.
+    """SCT guidance: f_w = f_bad + w·(f_good − f_bad) (docs/algorithms.md §4.5). w = 1 is no guidance.
 
     `mode="auto"` guides with `bad`, a weaker EMA snapshot of the same model; `mode="classic"` with
     the same model given the null label `null_label` (label-dropout CFG, optional extension).
@@ -64,7 +64,7 @@ def time_list(
 ) -> list[float]:
     """Descending sampling times τ_0 = t_max > ... > τ_{N−1} > 0.
 
-    1 step: [t_max]; 2 steps: [t_max, t_mid] (spec §5); N steps: the model's phase edges when it
+    1 step: [t_max]; 2 steps: [t_max, t_mid] (docs/algorithms.md §5); N steps: the model's phase edges when it
     has N phases, else the EDM ρ-spaced grid of N + 1 levels without its lowest (t_min).
     """
     t_max = precond.sigma_max
@@ -82,9 +82,9 @@ def sample_renoise(
     f: X0Fn, z: torch.Tensor, times: list[float], eta: float, labels: torch.Tensor | None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Stochastic multistep (spec §4.4 `renoise`): x ← x̂0 + s·ε̂ + √(τ_{i+1}² − s²)·z, s = (1 − η)·τ_{i+1}.
+    """Stochastic multistep (docs/algorithms.md §4.4 `renoise`): x ← x̂0 + s·ε̂ + √(τ_{i+1}² − s²)·z, s = (1 − η)·τ_{i+1}.
 
-    η = 1 is the standard consistency-model multistep sampler (2 steps: spec §5).
+    η = 1 is the standard consistency-model multistep sampler (2 steps: docs/algorithms.md §5).
     """
     x = times[0] * z
     for i, tau in enumerate(times):
@@ -103,7 +103,7 @@ def sample_renoise(
 def sample_ddim_skip(
     f: X0Fn, z: torch.Tensor, times: list[float], eta: float, labels: torch.Tensor | None
 ) -> torch.Tensor:
-    """Deterministic edge-skipping (spec §4.4 `ddim_skip`): from τ, jump past the edge s_j to
+    """Deterministic edge-skipping (docs/algorithms.md §4.4 `ddim_skip`): from τ, jump past the edge s_j to
     τ' = s_j − η·(s_j − s_{j−1}) along ε̂ = (x − x̂0)/τ; the last segment jumps to 0. η = 0: edge to edge.
     """
     edges = [*times[1:], 0.0]
@@ -138,7 +138,7 @@ def sample(
     `boundary` is the σ_min where f(x, σ_min) = x: the one the model was trained with
     (`TrainConfig.eval_boundary`: iCT's precond.sigma_min); None = ECT's eval shift precond.sigma_min_shift.
 
-    1 and 2 steps use the standard stochastic sampler (η = 1, spec §5) unless `eta`/`mode` are
+    1 and 2 steps use the standard stochastic sampler (η = 1, docs/algorithms.md §5) unless `eta`/`mode` are
     given; N > 2 steps use `sampler.edge_skip_mode` with `sampler.eta`.
     """
     device = next(model.parameters()).device
@@ -160,7 +160,7 @@ def sample(
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats to uint8 pixels: x·127.5 + 128, clamped to [0, 255] (spec §5)."""
+    """[-1, 1] floats to uint8 pixels: x·127.5 + 128, clamped to [0, 255] (docs/algorithms.md §5)."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 

@@ -1,6 +1,6 @@
 """Noise levels for training: ECT's lognormal t, mapping r(t) and stage curriculum; iCT's grid.
 
-Spec §3 (ECT), §4.2 (SCT smooth stages), §4.3 (phase edges), §6 (iCT).
+docs/algorithms.md §3 (ECT), §4.2 (SCT smooth stages), §4.3 (phase edges), §6 (iCT).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from trainer.config import IctConfig, ScheduleConfig
 
 
 def sample_lognormal(n: int, p_mean: float, p_std: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """t = exp(P_mean + P_std·n), n ~ N(0, 1)  (spec §2, §3 step 1)."""
+    """t = exp(P_mean + P_std·n), n ~ N(0, 1)  (docs/algorithms.md §2, §3 step 1)."""
     return (p_mean + p_std * torch.randn(n, device=device)).exp()
 
 
 def stage(iteration: int, stage_iters: int, smooth: bool = False) -> float:
-    """ECT stage s = floor(i / stage_iters); SCT [R] smooth: s = i / stage_iters (spec §3, §4.2)."""
+    """ECT stage s = floor(i / stage_iters); SCT [R] smooth: s = i / stage_iters (docs/algorithms.md §3, §4.2)."""
     s = iteration / stage_iters
     return s if smooth else float(math.floor(s))
 
@@ -33,7 +33,7 @@ class NoisePair(NamedTuple):
 
 
 def ect_dt(t: torch.Tensor, s: float, cfg: ScheduleConfig) -> torch.Tensor:
-    """Δt = t − r(t) of ECT's mapping at stage s (spec §3 step 2; the code's q^(s+1)), at most t (r ≥ 0).
+    """Δt = t − r(t) of ECT's mapping at stage s (docs/algorithms.md §3 step 2; the code's q^(s+1)), at most t (r ≥ 0).
 
     sigmoid: Δt = t·q^{−(s+1)}·(1 + k·sigmoid(−b·t));  const: Δt = t·q^{−(s+1)}. Computed directly, not as
     t − t·(1 − …): that difference cancels in fp32 once q^{−(s+1)} nears the rounding of 1 (ECT's q = 256).
@@ -48,7 +48,7 @@ def ect_dt(t: torch.Tensor, s: float, cfg: ScheduleConfig) -> torch.Tensor:
 
 def ect_r(t: torch.Tensor, s: float, cfg: ScheduleConfig) -> torch.Tensor:
     """ECT mapping r(t) = t − Δt at stage s, r ≥ 0: sigmoid r = t·(1 − q^{−(s+1)}·(1 + k·sigmoid(−b·t))),
-    const r = t·(1 − q^{−(s+1)})  (spec §3 step 2)."""
+    const r = t·(1 − q^{−(s+1)})  (docs/algorithms.md §3 step 2)."""
     return t - ect_dt(t, s, cfg)
 
 
@@ -65,7 +65,7 @@ def karras_sigmas(
 
 def phase_edges(phases: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Edges 0 = s_0 < s_1 < ... < s_M = t_max: s_1..s_M are levels 1..M of an (M+1)-level ρ grid
-    from σ_min (so the bottom phase is not the degenerate (0, σ_min]) (spec §4.3 [R])."""
+    from σ_min (so the bottom phase is not the degenerate (0, σ_min]) (docs/algorithms.md §4.3 [R])."""
     if phases <= 1:
         return torch.tensor([0.0, sigma_max])
     inner = karras_sigmas(phases + 1, sigma_min, sigma_max, rho)[1:].float()
@@ -73,7 +73,7 @@ def phase_edges(phases: int, sigma_min: float, sigma_max: float, rho: float = 7.
 
 
 def ict_num_scales(iteration: int, total_iters: int, cfg: IctConfig) -> int:
-    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1 with K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋  (iCT, spec §6)."""
+    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1 with K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋  (iCT, docs/algorithms.md §6)."""
     k_prime = max(1, math.floor(total_iters / (math.log2(math.floor(cfg.s1 / cfg.s0)) + 1)))
     return min(cfg.s0 * 2 ** (iteration // k_prime), cfg.s1) + 1
 

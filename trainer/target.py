@@ -1,7 +1,7 @@
 """The consistency target point x_r: ECT's single-sample estimate and SCT's variance-reduced one.
 
-ECT (spec §3 step 3):  x_r = x + r·ε  (one Euler step of the PF-ODE with velocity ε).
-SCT (spec §4.1):       x_r = (r/t)·x_t + (1 − r/t)·x̂_0,   x̂_0 = Σ_j w_j·y_j,  w = softmax_j(−‖x_t − y_j‖²/(2t²)).
+ECT (docs/algorithms.md §3 step 3): x_r = x + r·ε  (one Euler step of the PF-ODE with velocity ε).
+SCT (docs/algorithms.md §4.1): x_r = (r/t)·x_t + (1 − r/t)·x̂_0, x̂_0 = Σ_j w_j·y_j, w = softmax_j(−‖x_t − y_j‖²/(2t²)).
 
 We write SCT's point as ECT's plus a correction, x_r = x + r·ε + (1 − r/t)·(x̂_0 − x), which is the
 same formula (substitute x_t = x + t·ε) without the cancellation of (r/t)·x_t at small t, and makes
@@ -27,8 +27,8 @@ def reference_set(
     The minibatch comes first (so every sample's own x is a reference, as in STF); for n > B the
     rest are n − B random dataset images not in the minibatch; n = "all" uses the whole dataset. For
     n < B each sample uses itself and the n − 1 following minibatch samples (cyclically).
-    Conditional (labels given): only same-class references count (spec §4.1); a sample whose label
-    was dropped to `null_label` (classic CFG's label dropout) is unconditional: every reference counts.
+    Conditional (labels given): only same-class references count (docs/algorithms.md §4.1); a sample whose
+    label was dropped to `null_label` (classic CFG's label dropout) is unconditional: every reference counts.
     Returns (refs [n, ...], valid [B, n] bool, ref_labels or None).
     """
     B, N = x_batch.shape[0], dataset.shape[0]
@@ -59,7 +59,7 @@ def reference_set(
 
 
 def posterior_weights(x_t: torch.Tensor, t: torch.Tensor, refs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """w_bj = softmax_j(ℓ_bj), ℓ_bj = −‖x_t,b − y_j‖²/(2 t_b²); invalid pairs get −∞ (spec §4.1).
+    """w_bj = softmax_j(ℓ_bj), ℓ_bj = −‖x_t,b − y_j‖²/(2 t_b²); invalid pairs get −∞ (docs/algorithms.md §4.1).
 
     Always fp32, also under bf16 autocast.
     """

@@ -1,7 +1,7 @@
 """Small CNN classifiers whose penultimate layer is the feature space of the Fréchet distance.
 
 At small scale the FID feature network is a classifier trained on the dataset itself ("Fréchet
-classifier distance", spec §7): its numbers are never comparable with Inception-FID. One network
+classifier distance", docs/algorithms.md §7): its numbers are never comparable with Inception-FID. One network
 per dataset, trained on the train split only by ``scripts/train_feature_net.py`` from a fixed seed;
 the weights ship in ``trainer/metrics/weights/<dataset>_classifier.pt`` with a ``.sha256`` beside.
 

@@ -1,6 +1,6 @@
 """FidEvaluator: Fréchet distance of generated images to a dataset's cached reference statistics.
 
-Feature network per dataset (spec §7): digits and fashion_mnist use their shipped classifier
+Feature network per dataset (docs/algorithms.md §7): digits and fashion_mnist use their shipped classifier
 (``classifier.py``, a "Fréchet classifier distance", not comparable with Inception-FID);
 cifar10, imagenet64 and folder use the FID Inception-v3 from ``eval.inception_weights`` or torch.hub's
 cache path (``inception.py``). Reference split: digits the whole set, fashion_mnist the 10k test
@@ -150,7 +150,7 @@ class FidEvaluator:
         return compute_stats(self.net, images, self.device, self.batch_size)
 
     def score(self, images: torch.Tensor) -> float:
-        """FID of `images` against the reference statistics (spec §7)."""
+        """FID of `images` against the reference statistics (docs/algorithms.md §7)."""
         t0 = time.perf_counter()
         fid = frechet_distance(self.statistics(images), self.reference)
         self.last_seconds = time.perf_counter() - t0

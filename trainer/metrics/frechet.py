@@ -1,6 +1,6 @@
 """Feature statistics (mean, covariance) and the Fréchet distance between two Gaussians, in float64.
 
-FID = ‖μ_g − μ_r‖² + Tr(Σ_g + Σ_r − 2(Σ_g Σ_r)^½)   (spec §7)
+FID = ‖μ_g − μ_r‖² + Tr(Σ_g + Σ_r − 2(Σ_g Σ_r)^½)   (docs/algorithms.md §7)
 
 Tr((Σ_g Σ_r)^½) is computed as Σ_i sqrt(λ_i) with λ_i the eigenvalues of the symmetric PSD matrix
 Σ_r^½ Σ_g Σ_r^½ (same spectrum as Σ_g Σ_r), so no complex parts or non-symmetric sqrtm arise.
@@ -65,7 +65,7 @@ def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
 
 
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
-    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) in float64 (spec §7)."""
+    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) in float64 (docs/algorithms.md §7)."""
     mu_a, mu_b = a.mu.double(), b.mu.double()
     s_a, s_b = a.sigma.double(), b.sigma.double()
     root_b = _sqrt_psd(s_b)

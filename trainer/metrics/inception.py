@@ -3,7 +3,7 @@
 The layer layout is that of pytorch-fid / torch-fidelity (Apache-2.0), whose converted weights
 ``pt_inception-2015-12-05-6726825d.pth`` (566 tensors, 23.85M parameters, ~95 MB) are the ones the
 papers' FIDs use. torchmetrics' ``FrechetInceptionDistance(feature=2048)`` needs torch-fidelity,
-which cannot be installed beside the CPU torch here (stack.md), so the network is defined here and
+which cannot be installed beside the CPU torch here (docs/stack.md), so the network is defined here and
 loaded from a local file with ``weights_only=True``: never downloaded.
 
 Input: images in [-1, 1] -> uint8 levels as in EDM's fid.py -> TF1 bilinear resize to 299x299

@@ -1,0 +1,1 @@
+"""Original-architecture networks (EDM's SongUNet / DhariwalUNet, EDM2's magnitude-preserving U-Net)."""
