@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: one training step built the way trainer/train.py builds it, its timing,
+"""Shared by the benchmarks: the trainer's own training step (trainer.step.train_step), its timing,
 interleaved paired timing for ratios on a shared machine, and the measurement conditions.
 
 Scripts in bench/ import this as `common` (they run as `python bench/<script>.py`).
@@ -22,11 +22,9 @@ import torch
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset
 from trainer.ema import Ema
-from trainer.loss import consistency_loss, edm_loss
+from trainer.loss import replays_dropout
 from trainer.precond import ConsistencyModel
-from trainer.runtime import autocast
-from trainer.schedule import sample_t_r
-from trainer.target import reference_set
+from trainer.step import TrainState, train_step
 
 
 def make_step(
@@ -41,37 +39,24 @@ def make_step(
     ema: Ema | None = None,
     replay_dropout: bool | None = None,
 ) -> Callable[[], torch.Tensor]:
-    """One optimiser step of `method` (edm | ect | sct | ict) as in train.py's `step`; returns the detached loss.
+    """One optimiser step of `method` (edm | ect | sct | ict): the trainer's own `trainer.step.train_step`;
+    returns the detached loss.
 
     `ref` is SCT's reference-set size. Runs on the device of `data.images` under `cfg.precision`
-    autocast, with train.py's non-finite-gradient zeroing; the stage is that of `iteration`.
-    With `ema`, the EMA update that follows every step in train.py's loop is part of the step.
-    `replay_dropout` (default: as train.py decides, `trainer.loss.replays_dropout`) False redraws the
-    target pass's dropout masks from the restored RNG instead of reusing the prediction pass's.
+    autocast; the stage is that of `iteration`. With `ema`, the EMA update that follows every step in
+    train.py's loop is part of the step. `replay_dropout` (default: as train.py decides,
+    `trainer.loss.replays_dropout`) False redraws the target pass's dropout masks from the restored RNG
+    instead of reusing the prediction pass's.
     """
     device = data.images.device
-    tuning = method != "edm"
+    cfg = cfg.model_copy(update={"method": method}, deep=True)
+    cfg.sct.ref_batch = ref
+    cfg.optim.batch_size = batch
+    state = TrainState(model, opt, ema)  # type: ignore[arg-type]  (ema None: no EMA update)
+    replay = replays_dropout(device, compiled=False) if replay_dropout is None else replay_dropout
 
     def step() -> torch.Tensor:
-        idx = torch.randperm(len(data), device=device)[:batch]
-        x = data.images[idx]
-        with autocast(device, cfg.precision):
-            if not tuning:
-                out = edm_loss(model, x, None, cfg.pretrain.p_mean, cfg.pretrain.p_std)
-            else:
-                t, r = sample_t_r(batch, iteration, cfg.iterations, cfg.stage_iters, method, cfg.schedule, cfg.ict,
-                                  cfg.precond.sigma_min, cfg.precond.sigma_max, device)
-                refs = valid = None
-                if method == "sct":
-                    refs, valid, _ = reference_set(x, idx, data.images, ref)
-                out = consistency_loss(model, x, None, t, r, cfg.loss, method, refs, valid, cfg.precond.sigma_min,
-                                       replay_dropout=replay_dropout)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        for p in model.parameters():  # non-finite gradients become 0 before the step (ECT), as train.py
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        opt.step()
+        out = train_step(cfg, state, data, iteration, device=device, replay=replay)
         if ema is not None:
             ema.update(model, iteration)
         return out.loss.detach()
