@@ -10,6 +10,7 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset
+from trainer.distributed import World, gather_rows
 from trainer.precond import ConsistencyModel
 from trainer.runtime import autocast
 from trainer.sampler import Guidance, sample, to_uint8
@@ -36,19 +37,31 @@ def generate(
     guidance: Guidance | None = None,
     eta: float | None = None,
     mode: str | None = None,
+    *,
+    world: World = World(),
 ) -> torch.Tensor:
-    """n images in [-1, 1] (on the model's device) from a `steps`-step sampler, batched, deterministic."""
+    """n images in [-1, 1] (on the model's device) from a `steps`-step sampler, batched, deterministic.
+
+    One process draws every batch from one generator seeded with `seed`. With several ranks, batch k
+    is drawn by rank k mod size from its own generator (seeded from `seed` and k) and each rank returns
+    only its batches: the ranks split the sampling, whatever their number."""
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    for start in range(0, n, cfg.eval.batch_size):
-        b = min(cfg.eval.batch_size, n - start)
+
+    def one_batch(b: int, gen: torch.Generator) -> torch.Tensor:
         labels = draw_labels(data, b, gen, cfg.data.conditional)
         with autocast(device, cfg.precision):
-            out.append(
-                sample(model, b, steps, cfg.sampler, cfg.precond, data.shape, labels, guidance, gen, eta, mode,
-                       boundary=cfg.eval_boundary)
-            )
+            return sample(model, b, steps, cfg.sampler, cfg.precond, data.shape, labels, guidance, gen, eta, mode,
+                          boundary=cfg.eval_boundary)
+
+    bs = cfg.eval.batch_size
+    if world.size == 1:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        out = [one_batch(min(bs, n - start), gen) for start in range(0, n, bs)]
+    else:
+        out = [one_batch(min(bs, n - start), torch.Generator(device=device).manual_seed(seed * 100_003 + k))
+               for k, start in enumerate(range(0, n, bs)) if k % world.size == world.rank]
+    if not out:
+        return torch.zeros((0, *data.shape), device=device)
     return torch.cat(out).float()
 
 
@@ -78,11 +91,17 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
 class Evaluator:
     """FID at each evaluation point for every configured sampler, EMA and (optionally) online weights."""
 
-    def __init__(self, cfg: TrainConfig, data: ImageDataset, device: torch.device):
+    def __init__(self, cfg: TrainConfig, data: ImageDataset, device: torch.device, world: World = World()):
         from trainer.metrics import FidEvaluator  # heavy import, only when evaluating
 
-        self.cfg, self.data = cfg, data
+        self.cfg, self.data, self.world = cfg, data, world
         self.fid = FidEvaluator.from_config(cfg, device)
+
+    def _fid(self, images: torch.Tensor) -> float:
+        """FID of this process's images; with several ranks, of every rank's images (features gathered)."""
+        if self.world.size == 1:
+            return self.fid.score(images)
+        return self.fid.score_features(gather_rows(self.fid.features(images), self.world))
 
     def __call__(
         self, ema: ConsistencyModel, online: ConsistencyModel, iteration: int, guide_with: ConsistencyModel | None,
@@ -100,9 +119,9 @@ class Evaluator:
         for suffix, model, guide in models:
             for steps in cfg.sampler.steps:
                 seed = cfg.seed * 1000 + steps  # same noise at every evaluation point
-                images = generate(model, cfg, self.data, cfg.eval.fid_samples, steps, seed, guide)
-                metrics[f"fid_{steps}step{suffix}"] = self.fid.score(images)
-                if suffix == "" and cfg.eval.save_grid:
+                images = generate(model, cfg, self.data, cfg.eval.fid_samples, steps, seed, guide, world=self.world)
+                metrics[f"fid_{steps}step{suffix}"] = self._fid(images)
+                if suffix == "" and cfg.eval.save_grid and self.world.is_main:
                     grids.append(save_grid(images[:64], out_dir / "samples" / f"grid_{steps}step_it{iteration}.png"))
         metrics["eval_s"] = time.perf_counter() - t0
         log.info("eval it %d: %s", iteration, {k: round(v, 3) for k, v in metrics.items()})

@@ -28,13 +28,20 @@ class LossOutput:
 
 
 def edm_loss(
-    model: ConsistencyModel, x: torch.Tensor, labels: torch.Tensor | None, p_mean: float, p_std: float
+    model: ConsistencyModel, x: torch.Tensor, labels: torch.Tensor | None, p_mean: float, p_std: float,
+    *, sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
 ) -> LossOutput:
-    """λ(σ)·‖D_θ(x + σε; σ) − x‖², ln σ ~ N(P_mean, P_std²), λ = (σ² + σd²)/(σ·σd)²  (EDM eq. 2, 8)."""
-    sigma = (p_mean + p_std * torch.randn(x.shape[0], device=x.device)).exp().reshape(-1, 1, 1, 1)
+    """λ(σ)·‖D_θ(x + σε; σ) − x‖², ln σ ~ N(P_mean, P_std²), λ = (σ² + σd²)/(σ·σd)²  (EDM eq. 2, 8).
+
+    `sigma` [N] and `noise` (ε, like x) are drawn here unless given (a data-parallel rank passes its rows
+    of the global batch's draws)."""
+    if sigma is None:
+        sigma = (p_mean + p_std * torch.randn(x.shape[0], device=x.device)).exp()
+    sigma = sigma.reshape(-1, 1, 1, 1)
+    noise = torch.randn_like(x) if noise is None else noise
     sd = model.sigma_data
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-    denoised = model.denoise(x + sigma * torch.randn_like(x), sigma, labels)
+    denoised = model.denoise(x + sigma * noise, sigma, labels)
     return LossOutput(loss=(weight * (denoised - x).square()).mean(), t=sigma.flatten())
 
 
@@ -103,6 +110,7 @@ def consistency_loss(
     sigma_min: float = 0.002,
     replay_dropout: bool | None = None,
     dt: torch.Tensor | None = None,
+    eps: torch.Tensor | None = None,
 ) -> LossOutput:
     """ECT/SCT/iCT consistency loss for one minibatch at noise pairs (t, r) (docs/algorithms.md §3, §4.1, §4.3).
 
@@ -112,10 +120,10 @@ def consistency_loss(
     SCT's variance-reduced target. `replay_dropout` (default: `replays_dropout` for `x`'s device, not
     compiled) False draws the target's masks again from the restored RNG state instead of reusing
     the recorded ones: the same masks either way. `dt` = t − r from the schedule (`NoisePair.dt`, exact
-    where t − r would cancel); None computes t − r here.
+    where t − r would cancel); None computes t − r here. `eps` (ε, like x) is drawn here unless given.
     """
     t4, r4 = t.reshape(-1, 1, 1, 1), r.reshape(-1, 1, 1, 1)
-    eps = torch.randn_like(x)
+    eps = torch.randn_like(x) if eps is None else eps
     x_t = x + t4 * eps
     edge = model.lower_edge(t4)
     dt4 = (t4 - r4) if dt is None else dt.reshape(-1, 1, 1, 1)

@@ -14,6 +14,7 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset
+from trainer.distributed import World, all_sum, average_gradients, own_dropout_stream
 from trainer.ema import Ema
 from trainer.loss import LossOutput, consistency_loss, edm_loss
 from trainer.precond import ConsistencyModel
@@ -108,9 +109,11 @@ class LossStats:
             self.ess_sum.index_add_(0, bucket, out.ess.float())
             self.ess_cnt.index_add_(0, bucket, torch.ones_like(out.ess, dtype=torch.float32))
 
-    def drain(self, steps: int) -> tuple[float, dict[str, float]]:
-        """The mean loss over `steps` steps and the ESS metrics `ess_t<j>`; zeroes the sums."""
-        loss = float(self.loss_sum) / steps
+    def drain(self, steps: int, world: World = World()) -> tuple[float, dict[str, float]]:
+        """The mean loss over `steps` steps (and over the ranks) and the ESS metrics `ess_t<j>`; zeroes the sums."""
+        for t in (self.loss_sum, self.ess_sum, self.ess_cnt):
+            all_sum(t, world)
+        loss = float(self.loss_sum) / (steps * world.size)
         mean = (self.ess_sum / self.ess_cnt.clamp_min(1)).tolist()
         ess = {f"ess_t{j}": v for j, (v, c) in enumerate(zip(mean, self.ess_cnt.tolist(), strict=True)) if c > 0}
         for t in (self.loss_sum, self.ess_sum, self.ess_cnt):
@@ -119,33 +122,50 @@ class LossStats:
 
 
 def step_loss(
-    cfg: TrainConfig, model: ConsistencyModel, data: ImageDataset, batch: Batch, it: int, *, replay: bool
+    cfg: TrainConfig, model: ConsistencyModel, data: ImageDataset, batch: Batch, it: int, *, replay: bool,
+    world: World = World(),
 ) -> LossOutput:
-    """The loss of one minibatch at iteration `it`: EDM for method edm, else the consistency loss."""
+    """The loss of this rank's rows of the global minibatch at iteration `it`: EDM for method edm, else the
+    consistency loss. Every random draw is made for the whole global batch (in the order a single process
+    makes it), so the ranks together compute one process's per-sample losses exactly."""
     labels = training_labels(batch, cfg, data)
-    device = batch.x.device
+    x, b, device = batch.x, batch.x.shape[0], batch.x.device
+    rows = world.shard(b)
+    own = labels[rows] if labels is not None else None
     with autocast(device, cfg.precision):
         if cfg.method == "edm":
-            return edm_loss(model, batch.x, labels, cfg.pretrain.p_mean, cfg.pretrain.p_std)
-        pair = sample_t_r(batch.x.shape[0], it, cfg.iterations, cfg.stage_iters, cfg.method, cfg.schedule, cfg.ict,
-                          cfg.precond.sigma_min, cfg.precond.sigma_max, device)
+            sigma = (cfg.pretrain.p_mean + cfg.pretrain.p_std * torch.randn(b, device=device)).exp()
+            noise = torch.randn_like(x)
+            with own_dropout_stream(world, cfg.seed, it, device):
+                return edm_loss(model, x[rows], own, cfg.pretrain.p_mean, cfg.pretrain.p_std, sigma=sigma[rows],
+                                noise=noise[rows])
+        t, r, dt = sample_t_r(b, it, cfg.iterations, cfg.stage_iters, cfg.method, cfg.schedule, cfg.ict,
+                              cfg.precond.sigma_min, cfg.precond.sigma_max, device)
         refs = valid = None
         if cfg.method == "sct":
-            refs, valid, _ = reference_set(batch.x, batch.idx, data.images, cfg.sct.ref_batch, labels,
+            refs, valid, _ = reference_set(x, batch.idx, data.images, cfg.sct.ref_batch, labels,
                                            data.labels if cfg.data.conditional else None, data.num_classes)
-        return consistency_loss(model, batch.x, labels, pair.t, pair.r, cfg.loss, cfg.method, refs, valid,
-                                cfg.precond.sigma_min, replay_dropout=replay, dt=pair.dt)
+            valid = valid[rows]
+        eps = torch.randn_like(x)
+        with own_dropout_stream(world, cfg.seed, it, device):
+            return consistency_loss(model, x[rows], own, t[rows], r[rows], cfg.loss, cfg.method, refs, valid,
+                                    cfg.precond.sigma_min, replay_dropout=replay, dt=dt[rows], eps=eps[rows])
 
 
 def train_step(
-    cfg: TrainConfig, state: TrainState, data: ImageDataset, it: int, *, device: torch.device, replay: bool
+    cfg: TrainConfig, state: TrainState, data: ImageDataset, it: int, *, device: torch.device, replay: bool,
+    world: World = World(),
 ) -> LossOutput:
-    """One optimiser step of `cfg.method` at iteration `it` (the EMA update follows it in the loop)."""
+    """One optimiser step of `cfg.method` at iteration `it` (the EMA update follows it in the loop).
+
+    With several ranks, each computes the loss of its shard and the gradients are averaged before the
+    non-finite-gradient rule and the step, so every rank takes the same step."""
     batch = draw_batch(data, cfg.optim.batch_size, conditional=cfg.data.conditional, device=device)
-    out = step_loss(cfg, state.model, data, batch, it, replay=replay)
+    out = step_loss(cfg, state.model, data, batch, it, replay=replay, world=world)
     opt = state.opt
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
+    average_gradients(state.model.parameters(), world)
     for p in state.model.parameters():  # non-finite gradients become 0 before the step (ECT)
         if p.grad is not None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)

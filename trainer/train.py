@@ -19,6 +19,7 @@ import torch
 from trainer.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset, dataset_std, load_dataset
+from trainer.distributed import World, broadcast_module, current_world, local_device
 from trainer.ema import Ema
 from trainer.errors import CheckpointError, ConfigError, DivergenceError
 from trainer.loss import edm_loss, replays_dropout
@@ -37,6 +38,16 @@ class Reporter(Protocol):
     def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None: ...
 
     def log_artifact(self, path: Path) -> None: ...
+
+
+class SilentReporter:
+    """The reporter of a data-parallel rank other than 0: only rank 0 reports and checkpoints."""
+
+    def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
 
 
 class JsonlReporter:
@@ -189,6 +200,7 @@ class Run:
     n_params: int
     replay: bool  # the target pass reuses the prediction's dropout masks
     bad_model: ConsistencyModel  # holds the guidance snapshot at evaluation time
+    world: World
     evaluator: Any = None  # trainer.evaluate.Evaluator, built at the first evaluation (loads the feature net)
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -201,20 +213,39 @@ def _check_ref_batch(cfg: TrainConfig, data: ImageDataset) -> None:
                           f"({len(data)} images); use a smaller value or 'all'")
 
 
+def needs_pretrain(cfg: TrainConfig) -> bool:
+    """Whether tuning starts with phase one here: ECT / SCT with pretrain iterations and no checkpoint given
+    (iCT trains from scratch; method edm is phase one itself)."""
+    return cfg.method in ("ect", "sct") and cfg.pretrain.iterations > 0 and cfg.pretrain.checkpoint is None
+
+
+def _check_world(cfg: TrainConfig, world: World, pretraining: bool) -> None:
+    if world.size == 1:
+        return
+    if cfg.optim.batch_size % world.size:
+        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} (the global batch) must divide evenly over "
+                          f"{world.size} workers")
+    if pretraining:
+        raise ConfigError("pretrain.checkpoint: a run on several workers tunes from a finished phase one; pretrain "
+                          "first (python -m trainer --pretrain-only, or a sweep's shared pretraining)")
+
+
 def _start(cfg: TrainConfig, reporter: Reporter | None, resume_from: Path | None) -> Run:
     """Seed, device, data, the model (from phase one unless resuming), optimiser, EMA; restore a checkpoint."""
-    out_dir = Path(cfg.out_dir).absolute()
+    out_dir, world = Path(cfg.out_dir).absolute(), current_world()
+    tuning = cfg.method != "edm"
+    _check_world(cfg, world, needs_pretrain(cfg))
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = local_device(resolve_device(cfg.device), world)
     configure_backend(device, cfg.precision)
     data = _load_data(cfg, device)
     _check_ref_batch(cfg, data)
     model = build_model(cfg, data).to(device)
-    tuning = cfg.method != "edm"
     if tuning and cfg.pretrain.checkpoint is not None:
         load_pretrained(model, cfg.pretrain.checkpoint)
-    elif tuning and cfg.pretrain.iterations > 0 and cfg.method != "ict":  # iCT trains from scratch
+    elif needs_pretrain(cfg):
         load_pretrained(model, pretrain(cfg, out_dir / "pretrain.pt"))
+    broadcast_module(model, world)  # identical weights on every rank from the first step
     state = TrainState(model, make_optimizer(cfg, model), Ema(model, cfg.ema.beta, cfg.ema.warmup))
     if resume_from is not None:
         state_path, saved = load_latest([Path(resume_from) / "state.pt"], device)
@@ -224,14 +255,18 @@ def _start(cfg: TrainConfig, reporter: Reporter | None, resume_from: Path | None
     if cfg.compile:
         model.net.compile()  # in place: checkpoint keys keep their names
     bad_model = build_model(cfg, data).to(device).eval().requires_grad_(False)
+    if not world.is_main:
+        reporter = SilentReporter()
     return Run(cfg=cfg, device=device, data=data, out_dir=out_dir, reporter=reporter or JsonlReporter(out_dir),
                state=state, n_params=count_parameters(model.net), replay=replays_dropout(device, cfg.compile),
-               bad_model=bad_model)
+               bad_model=bad_model, world=world)
 
 
 def save_state(run: Run, done: int) -> Path:
-    """Checkpoint directory `checkpoints/it<done>` (atomic `state.pt`); keeps the newest two."""
+    """Checkpoint directory `checkpoints/it<done>` (atomic `state.pt`, rank 0 only); keeps the newest two."""
     d = run.out_dir / "checkpoints" / f"it{done:07d}"
+    if not run.world.is_main:
+        return d
     cfg = run.cfg
     save_checkpoint(d / "state.pt", {**run.state.state_dict(), "rng": _rng_state(), "config": cfg.model_dump_json(),
                                      "params": run.n_params,
@@ -247,7 +282,7 @@ def evaluate(run: Run, done: int) -> None:
     """FID of every configured sampler at iteration `done`, a checkpoint, and the report of both."""
     from trainer.evaluate import Evaluator
 
-    run.evaluator = run.evaluator or Evaluator(run.cfg, run.data, run.device)
+    run.evaluator = run.evaluator or Evaluator(run.cfg, run.data, run.device, run.world)
     state, guide = run.state, None
     bad_key = f"{run.cfg.guidance.bad_fraction:g}"
     if bad_key in state.snapshots:
@@ -267,7 +302,7 @@ def evaluate(run: Run, done: int) -> None:
 def _report_loss(run: Run, stats: LossStats, it: int) -> None:
     """The loss, cost, stage and ESS of the steps since the last report."""
     cfg, done = run.cfg, it + 1
-    loss, ess = stats.drain((done - 1) % cfg.log_every + 1)
+    loss, ess = stats.drain((done - 1) % cfg.log_every + 1, run.world)
     _check_finite(loss, cfg.method, done, "lower optim.lr or check the data")
     logged: dict[str, Any] = {"loss": loss, "iteration": done, "images_seen": done * cfg.optim.batch_size,
                               **run.state.cost}
@@ -282,12 +317,12 @@ def _step(run: Run, stats: LossStats, it: int) -> None:
     cfg, state = run.cfg, run.state
 
     def step() -> None:
-        stats.add(train_step(cfg, state, run.data, it, device=run.device, replay=run.replay))
+        stats.add(train_step(cfg, state, run.data, it, device=run.device, replay=run.replay, world=run.world))
 
-    if state.flops_per_step is None:
+    if state.flops_per_step is None:  # of all ranks together
         from trainer.metrics.flops import count_flops
 
-        state.flops_per_step = float(count_flops(step))
+        state.flops_per_step = float(count_flops(step)) * run.world.size
         log.info("training FLOPs per step: %.3g", state.flops_per_step)
     else:
         step()
@@ -339,6 +374,14 @@ def check_classic_guidance(path: Path, state: Mapping[str, Any]) -> None:
     if not state.get("label_dropout"):
         raise ConfigError(f"guidance.mode: classic needs a model trained with label dropout; {path} was trained "
                           "without it (its null label is untrained): use guidance.mode auto")
+
+
+def train_rank(cfg_json: str, resume_from: Path | None = None) -> None:
+    """One rank of a data-parallel run started by `trainer.distributed.spawn` (rank 0 prints the metrics)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = train(TrainConfig.model_validate_json(cfg_json), resume_from=resume_from)
+    if current_world().is_main:
+        print({k: round(v, 4) for k, v in result.metrics.items()}, flush=True)
 
 
 def load_for_sampling(path: Path, device: str = "auto") -> tuple[ConsistencyModel, TrainConfig, dict[str, Any]]:

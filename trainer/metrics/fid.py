@@ -149,6 +149,20 @@ class FidEvaluator:
         """Feature statistics of `images` (batched, eval mode, no grad)."""
         return compute_stats(self.net, images, self.device, self.batch_size)
 
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature vectors [N, D] (float32, on the evaluator's device) of `images`, batched, no grad."""
+        parts = [self.net(images[i: i + self.batch_size].to(self.device, torch.float32))
+                 for i in range(0, images.shape[0], self.batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, int(self.net.num_features), device=self.device)
+
+    def score_features(self, features: torch.Tensor) -> float:
+        """FID of feature vectors [N, D] (e.g. gathered from several ranks) against the reference."""
+        acc = StatsAccumulator(int(self.net.num_features))
+        for i in range(0, features.shape[0], self.batch_size):
+            acc.update(features[i: i + self.batch_size])
+        return frechet_distance(acc.stats(), self.reference)
+
     def score(self, images: torch.Tensor) -> float:
         """FID of `images` against the reference statistics (docs/algorithms.md §7)."""
         t0 = time.perf_counter()
