@@ -24,8 +24,8 @@ from sct_sweeps.config import (
     storage_root,
     tracking_uri,
 )
-from sct_sweeps.errors import SweepExistsError, TrackingError
-from sct_sweeps.record import RECORD, SweepRecord, load_record
+from sct_sweeps.errors import TrackingError
+from sct_sweeps.record import NameClaim, SweepRecord, load_record
 from sct_sweeps.session import check_local_gpu, slots, start_ray, stop_ray, trial_resources
 from sct_sweeps.space import param_space, scheduler, search_alg, trial_count
 
@@ -201,18 +201,20 @@ def run_sweep(
     """Start sweep `spec`: pretrain once per distinct phase one, then every trial under Ray Tune."""
     t0 = time.perf_counter()
     out = storage_root(spec) / spec.name
-    if (out / RECORD).exists() or (out / "tuner.pkl").exists():
-        raise SweepExistsError(
-            f"{spec.name}: a sweep with this name exists at {out}; continue it with `sct-sweep resume "
-            f"{spec.name}` or start a new one with --name"
-        )
+    user_uri = uri or spec.tracking_uri
     uri = tracking_uri(spec, uri)
+    tracking.check_store_dir(uri, None if user_uri else project_dir())
     if not address:
         check_local_gpu(spec)
     _check_server(uri)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
-        opening = pool.submit(_open_store, uri, spec)  # MLflow's import and migrations overlap Ray's start
-        start_ray(address, num_cpus)
+    claim = NameClaim(out, spec.name)  # SweepExistsError if taken; held until the record is written
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
+            opening = pool.submit(_open_store, uri, spec)  # MLflow's import and migrations overlap Ray's start
+            start_ray(address, num_cpus)
+    except BaseException:
+        claim.release()
+        raise
     try:
         client, exp_id = opening.result()
         resources = trial_resources(spec)
@@ -232,6 +234,7 @@ def run_sweep(
             address=address,
         )
         record.save()
+        claim.release()
         log.info("sweep %s: MLflow experiment %s, parent run %s, results %s", spec.name, exp_id, parent, out)
         try:
             from sct_sweeps.pretrain import pretrain_all
@@ -245,6 +248,7 @@ def run_sweep(
         tuner = _make_tuner(spec, record, resources, progress)
         return _fit(tuner, record, client, t0, pretrain_s, slots(spec, resources))
     finally:
+        claim.release()
         stop_ray()
 
 
