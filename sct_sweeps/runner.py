@@ -26,7 +26,7 @@ from sct_sweeps.config import (
 )
 from sct_sweeps.errors import TrackingError
 from sct_sweeps.record import NameClaim, SweepRecord, load_record
-from sct_sweeps.session import check_local_gpu, slots, start_ray, stop_ray, trial_resources
+from sct_sweeps.session import check_local_gpu, probe_address, slots, start_ray, stop_ray, trial_resources
 from sct_sweeps.space import param_space, scheduler, search_alg, trial_count
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,9 @@ def run_sweep(
     user_uri = uri or spec.tracking_uri
     uri = tracking_uri(spec, uri)
     tracking.check_store_dir(uri, None if user_uri else project_dir())
-    if not address:
+    if address:
+        probe_address(address)  # before the name, the store or Ray are touched
+    else:
         check_local_gpu(spec)
     _check_server(uri)
     claim = NameClaim(out, spec.name)  # SweepExistsError if taken; held until the record is written
