@@ -293,8 +293,11 @@ def test_sqlite_store_in_a_missing_directory_is_refused(tmp_path: Path, project:
     missing = tmp_path / "nonexistent" / "dir"
     uri = f"sqlite:///{missing / 'x.db'}"
     spec = _write(tmp_path, GOOD)
-    for args in (["run", str(spec), "--tracking-uri", uri], ["ui", "--tracking-uri", uri], ["export", "x", "o.pq",
-                                                                                          "--tracking-uri", uri]):
+    for args in (
+        ["run", str(spec), "--tracking-uri", uri],
+        ["ui", "--tracking-uri", uri],
+        ["export", "x", "o.pq", "--tracking-uri", uri],
+    ):
         line = one_error_line(CliRunner().invoke(app, args))
         assert f"directory {missing} does not exist; create it first" in line, line
     assert not (tmp_path / "nonexistent").exists()
@@ -330,6 +333,30 @@ def test_processes_creating_one_new_sqlite_store_at_once_all_succeed(tmp_path: P
             ids = pool.starmap(_open_store, [(uri, barrier)] * n)
     assert len(set(ids)) == n
     assert (tmp_path / "fresh.db.lock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ui_and_clients_opening_one_new_store_at_once_all_work(project: Path) -> None:
+    """`sct-sweep ui` creates the store under its lock before `mlflow server` opens it."""
+    from conftest import free_port, kill_pids, stop_pid, wait_healthy
+
+    n, port = 3, free_port()
+    uri = f"sqlite:///{project / 'mlruns.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(n + 1)
+        with ctx.Pool(n) as pool:
+            pending = pool.starmap_async(_open_store, [(uri, barrier)] * n)
+            barrier.wait()
+            ui = subprocess.Popen([sct_sweep(), "ui", "--port", str(port)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+            try:
+                assert len(set(pending.get(timeout=240))) == n
+                wait_healthy(f"http://127.0.0.1:{port}", ui)
+            finally:
+                stop_pid(ui, timeout=30)  # the CLI exec'd into the server: this PID is the server
+                kill_pids(processes_under(str(project / "mlruns.db")))
 
 
 # -- the sweep name ---------------------------------------------------------------------------------
