@@ -11,11 +11,10 @@ import json
 import os
 from pathlib import Path
 
-import yaml
-
 from sct_sweeps.config import SweepSpec, check_name, parse_spec, project_dir
 from sct_sweeps.errors import SweepExistsError, SweepNotFoundError
 from sct_sweeps.locks import lock_file
+from trainer.yaml_io import parse_yaml
 
 RECORD = "sct_sweep.json"
 CLAIM = ".sct_claim"  # locked by the `run` that is starting the sweep, until its record is written
@@ -46,7 +45,7 @@ class SweepRecord:
     @property
     def spec(self) -> SweepSpec:
         """The validated spec the sweep was started with."""
-        return parse_spec(yaml.safe_load(self.spec_yaml), f"{self.results_dir}/{RECORD}")
+        return parse_spec(parse_yaml(self.spec_yaml), f"{self.results_dir}/{RECORD}")
 
 
 def results_dir(name: str, storage: Path | None = None) -> Path:
