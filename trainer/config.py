@@ -45,9 +45,9 @@ class NetworkConfig(_Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     embedding: Literal["positional", "fourier"] = "positional"
     # EDM2 (arch: edm2): the magnitude-preserving U-Net's knobs (Karras et al. 2024); other networks ignore them.
-    channel_mult_noise: int | None = Field(None, gt=0)  # noise-embedding width / model_channels; None = channel_mult[0]
-    channel_mult_emb: int | None = Field(None, gt=0)  # embedding width / model_channels; None = max(channel_mult)
-    channels_per_head: int = Field(64, gt=0)  # attention head width
+    channel_mult_noise: int | None = Field(None, gt=0, le=64)  # noise-emb. width / channels; None = channel_mult[0]
+    channel_mult_emb: int | None = Field(None, gt=0, le=64)  # emb. width / model_channels; None = max(channel_mult)
+    channels_per_head: int = Field(64, gt=0, le=16384)  # attention head width
     label_balance: float = Field(0.5, ge=0.0, le=1.0)  # embedding mix: noise level (0) vs class (1)
     concat_balance: float = Field(0.5, ge=0.0, le=1.0)  # decoder input mix: encoder skip (0) vs main path (1)
     res_balance: float = Field(0.3, ge=0.0, le=1.0)  # block output mix: main branch (0) vs residual branch (1)
