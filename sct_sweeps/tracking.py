@@ -48,6 +48,8 @@ def client(uri: str) -> Any:
     if db is None:
         return MlflowClient(tracking_uri=uri)
     check_store_dir(uri)
+    if not os.access(db.parent, os.W_OK):  # a read-only directory: no store can be created there to race on
+        return MlflowClient(tracking_uri=uri)
     with file_lock(db.with_name(f"{db.name}.lock")):
         return MlflowClient(tracking_uri=uri)
 

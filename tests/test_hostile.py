@@ -169,7 +169,7 @@ SPEC_CASES = [
     ("sigma-max-inf", _spec_with("base.precond", {"sigma_max": math.inf}), ["base.precond.sigma_max:", "finite"]),
     ("p-mean-nan", _spec_with("base.schedule", {"p_mean": math.nan}), ["base.schedule.p_mean:", "finite"]),
     ("t-mid-inf", _spec_with("base.sampler", {"t_mid": math.inf}), ["base.sampler.t_mid:", "finite"]),
-    ("gpu-nan", _spec_with("resources", {"gpu": math.nan}), ["resources.gpu", "finite"]),
+    ("gpu-nan", _spec_with("resources", {"gpu": math.nan}), ["resources.gpu: Input should be a finite number"]),
     ("grid-value-inf", _spec_with("search", {"optim.lr": {"grid": [1e-3, math.inf]}}),
      ["search.optim.lr: grid[1]: inf is not a finite number"]),
     ("choice-value-nan", _spec_with("search", {"schedule.p_mean": {"choice": [math.nan]}}),

@@ -6,6 +6,7 @@ errors everywhere (``extra="forbid"``), so a typo in a YAML file never silently 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -262,13 +263,18 @@ class TrainConfig(_Strict):
         return self.schedule.double_every or max(1, self.iterations // 8)
 
 
+# pydantic names the member of a union that refused a value in the error's location: `resources.gpu.float`
+_UNION_MEMBER = re.compile(r"(int|float|str|bool|literal\[.*\]|function-\w+\[.*\])")
+
+
 def format_validation_error(err: Exception, prefix: str = "") -> str:
     """One line naming the first offending field path, e.g. `sct.ref_batch: must be ...`."""
     from pydantic import ValidationError
 
     if isinstance(err, ValidationError):
         e = err.errors()[0]
-        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        parts = [p for p in e["loc"] if not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p))]
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in parts).replace(".[", "[")
         loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
