@@ -214,10 +214,6 @@ def run_sweep(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
             opening = pool.submit(_open_store, uri, spec)  # MLflow's import and migrations overlap Ray's start
             start_ray(address, num_cpus)
-    except BaseException:
-        claim.release()
-        raise
-    try:
         client, exp_id = opening.result()
         resources = trial_resources(spec)
         text = spec_yaml(spec)

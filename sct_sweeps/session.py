@@ -75,9 +75,9 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             pass
     except OSError as e:
-        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        why = f"no answer in {timeout_s:g} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
         raise ClusterError(
-            f"--address {address}: no Ray cluster answers there ({why} after at most {timeout_s:g} s); "
+            f"--address {address}: no Ray cluster answers there ({why}); "
             "check the address, or start the head with `ray start --head`"
         ) from None
 
