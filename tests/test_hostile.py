@@ -65,7 +65,7 @@ def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
         path = f"{prefix}{name}"
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out += _fields(ann, f"{path}.")
-        elif isinstance(ann, types.UnionType | typing._UnionGenericAlias) and any(  # type: ignore[attr-defined]
+        elif typing.get_origin(ann) in (typing.Union, types.UnionType) and any(
             isinstance(a, type) and issubclass(a, BaseModel) for a in typing.get_args(ann)
         ):
             sub = next(a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel))
