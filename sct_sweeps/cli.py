@@ -74,6 +74,9 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INF
 def _uri_of(name: str, storage: Path | None, given: str | None) -> str:
     """The MLflow store of sweep `name`: --tracking-uri, else the one it was run with, else the default."""
     if given:
+        from sct_sweeps.tracking import check_store_dir
+
+        check_store_dir(given)
         return given
     from sct_sweeps.config import project_dir
     from sct_sweeps.errors import SweepNotFoundError
@@ -282,6 +285,10 @@ def ui(
     if uri.startswith(("http://", "https://")):
         out.print(f"the store is a tracking server already: open {uri}")
         return
+    from sct_sweeps import tracking
+
+    tracking.check_store_dir(uri, None if tracking_uri else project_dir())
+    tracking.client(uri)  # create (and migrate) a new store under its lock before the server opens it
     art = project_dir() / "mlartifacts"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--default-artifact-root",
            str(art), "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip

@@ -9,6 +9,7 @@ absolute against the current directory here, once: Ray moves a trial's working d
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -18,7 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sct_sweeps.errors import SpecError
-from trainer.config import TrainConfig, format_validation_error
+from trainer.config import MAX_ITERATIONS, TrainConfig, format_validation_error
+from trainer.errors import ConfigError
+from trainer.yaml_io import read_yaml
 
 AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 PATH_FIELDS = ("data.root", "pretrain.checkpoint", "eval.inception_weights", "out_dir")
@@ -39,7 +42,7 @@ def check_name(name: str, where: str = "name") -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `.inf` / `.nan` refused in every float
 
 
 class Axis(_Strict):
@@ -59,6 +62,10 @@ class Axis(_Strict):
         kind = given[0]
         if kind in ("grid", "choice") and not getattr(self, kind):
             raise ValueError(f"{kind}: must list at least one value")
+        if kind in ("grid", "choice"):
+            for i, x in enumerate(getattr(self, kind)):
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ValueError(f"{kind}[{i}]: {x} is not a finite number")
         if kind in ("uniform", "loguniform", "randint"):
             lo, hi = getattr(self, kind)
             if not lo < hi:
@@ -87,9 +94,9 @@ class SchedulerSpec(_Strict):
 
     type: Literal["none", "asha"] = "none"
     time_attr: str = "iteration"  # any monotone reported key: iteration, images_seen, flops
-    grace_period: int = Field(100, gt=0)  # in time_attr units
+    grace_period: int = Field(100, gt=0, le=MAX_ITERATIONS)  # in time_attr units
     reduction_factor: float = Field(2.0, gt=1.0)
-    max_t: int | None = Field(None, gt=0)  # None = the largest `iterations` of the sweep
+    max_t: int | None = Field(None, gt=0, le=MAX_ITERATIONS)  # None = the largest `iterations` of the sweep
 
 
 class Resources(_Strict):
@@ -111,9 +118,34 @@ class Estimate(_Strict):
 
     it_per_s: float = Field(gt=0.0)  # tuning iterations per second per trial
     pretrain_it_per_s: float | None = Field(None, gt=0.0)  # None = same as it_per_s
-    at_channels: int = Field(32, gt=0)  # network.model_channels the speed was measured at
+    at_channels: int = Field(32, gt=0, le=16384)  # network.model_channels the speed was measured at
     width_exponent: float = Field(1.5, ge=0.0)  # cost ~ (channels / at_channels) ** width_exponent
     measured_on: str = ""  # free text: the machine the numbers come from
+
+
+MAX_TRIALS_ENV = "SCT_MAX_TRIALS"
+DEFAULT_MAX_TRIALS = 10_000
+
+
+def max_trials() -> int:
+    """The most trials one sweep may have: $SCT_MAX_TRIALS, else 10,000."""
+    raw = os.environ.get(MAX_TRIALS_ENV, "")
+    if not raw:
+        return DEFAULT_MAX_TRIALS
+    if not raw.isdigit():
+        raise SpecError(f"{MAX_TRIALS_ENV}: {raw!r} is not a number of trials")
+    return int(raw)
+
+
+def check_trial_count(algorithm: str, search: dict[str, Axis], num_samples: int) -> None:
+    """Refuse more than `max_trials()` trials, counted from the axes' lengths (the grid is never expanded)."""
+    grid = [len(a.grid) for a in search.values() if a.grid is not None] if algorithm == "grid" else []
+    n, limit = math.prod(grid) * num_samples, max_trials()
+    if n > limit:
+        raise ValueError(
+            f"search: {n:,} trials ({' x '.join(map(str, grid + [num_samples]))}) is more than the "
+            f"{limit:,} a sweep may have (raise {MAX_TRIALS_ENV} if you mean it)"
+        )
 
 
 class SweepSpec(_Strict):
@@ -126,11 +158,11 @@ class SweepSpec(_Strict):
     algorithm: Literal["grid", "optuna"] = "grid"
     metric: str = "fid_1step"  # what Optuna and ASHA optimise and `status` ranks by
     mode: Literal["min", "max"] = "min"
-    num_samples: int = Field(1, gt=0)  # grid: repeats of the whole grid; optuna: number of trials
+    num_samples: int = Field(1, gt=0, le=10**6)  # grid: repeats of the whole grid; optuna: number of trials
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
-    max_concurrent_trials: int | None = Field(None, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0, le=10**6)
     resources: Resources = Field(default_factory=Resources)
-    max_failures: int = Field(1, ge=-1)  # retries of a failed trial from its last checkpoint; -1 = forever
+    max_failures: int = Field(1, ge=-1, le=10**6)  # retries of a failed trial from its last checkpoint; -1 = forever
     storage: Path | None = None  # Ray results root (absolute); None = <project>/ray_results
     tracking_uri: str | None = None  # None = sqlite:////<project>/mlruns.db
     mlflow_flush_s: float = Field(5.0, ge=0)  # a trial's metrics reach MLflow this often (0 = every report)
@@ -154,6 +186,7 @@ class SweepSpec(_Strict):
     def _consistent(self) -> SweepSpec:
         if not self.search:
             raise ValueError("search: empty search space; add at least one axis (e.g. seed: {grid: [0, 1]})")
+        check_trial_count(self.algorithm, self.search, self.num_samples)
         for path, axis in self.search.items():
             _check_axis(self, path, axis)
         steps = None if "sampler.steps" in self.search else self.base.sampler.steps
@@ -298,24 +331,32 @@ def parse_spec(raw: Any, source: str = "spec", default_name: str | None = None) 
     spec = spec.model_copy(update={"base": absolute_paths(spec.base)})
     try:
         check_files(spec.base)
-    except SpecError as e:
+        check_networks(spec)
+    except (SpecError, ConfigError) as e:
         raise SpecError(f"{source}: {e}") from None
     return spec
 
 
+def check_networks(spec: SweepSpec) -> None:
+    """Refuse a network (the base's or one an axis value makes) whose training cannot fit in memory here."""
+    from trainer.footprint import check_fits, memory_bytes
+
+    memory = memory_bytes()
+    check_fits(spec.base, "base.network", memory)
+    for path, axis in spec.search.items():
+        if path.startswith(("network.", "data.")):
+            for loc, value in axis.probe_values():
+                check_fits(override(spec.base, {path: value}), f"search.{path}.{loc}: network", memory)
+
+
 def load_spec(path: Path) -> SweepSpec:
-    """Read and validate a sweep YAML file (``yaml.safe_load``); the name defaults to the file stem."""
+    """Read and validate a sweep YAML file (`trainer.yaml_io`: safe, bounded, no duplicate keys);
+    the name defaults to the file stem."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: sweep file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise SpecError(f"{path}: invalid YAML{where}; check indentation and quoting") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a UTF-8 text file") from None
+        raw = read_yaml(path, "sweep file")
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)
     return parse_spec(raw, str(path), default_name=stem)
 

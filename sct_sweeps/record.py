@@ -11,12 +11,13 @@ import json
 import os
 from pathlib import Path
 
-import yaml
-
 from sct_sweeps.config import SweepSpec, check_name, parse_spec, project_dir
-from sct_sweeps.errors import SweepNotFoundError
+from sct_sweeps.errors import SweepExistsError, SweepNotFoundError
+from sct_sweeps.locks import lock_file
+from trainer.yaml_io import parse_yaml
 
 RECORD = "sct_sweep.json"
+CLAIM = ".sct_claim"  # locked by the `run` that is starting the sweep, until its record is written
 
 
 @dataclasses.dataclass
@@ -44,7 +45,7 @@ class SweepRecord:
     @property
     def spec(self) -> SweepSpec:
         """The validated spec the sweep was started with."""
-        return parse_spec(yaml.safe_load(self.spec_yaml), f"{self.results_dir}/{RECORD}")
+        return parse_spec(parse_yaml(self.spec_yaml), f"{self.results_dir}/{RECORD}")
 
 
 def results_dir(name: str, storage: Path | None = None) -> Path:
@@ -65,3 +66,37 @@ def list_sweeps(storage: Path | None = None) -> list[SweepRecord]:
     root = Path(storage or project_dir() / "ray_results").expanduser().resolve()
     records = [SweepRecord(**json.loads(p.read_text())) for p in root.glob(f"*/{RECORD}")]
     return sorted(records, key=lambda r: r.created)
+
+
+class NameClaim:
+    """Sweep results directory `out` taken by this process: no other `run` can start a sweep there.
+
+    Checking that the name is free and writing the record are minutes apart (Ray starts between
+    them); the claim file's fcntl lock, held from before the check until `release`, makes the two
+    one step for every other `run`. A killed holder's lock is dropped by the kernel.
+    """
+
+    def __init__(self, out: Path, name: str) -> None:
+        self.out, self.path = out, out / CLAIM
+        out.mkdir(parents=True, exist_ok=True)
+        self._fd = lock_file(self.path, wait=False)
+        if self._fd is None:
+            raise SweepExistsError(f"{name}: another `sct-sweep run` is starting a sweep of this name at {out}")
+        if (out / RECORD).exists() or (out / "tuner.pkl").exists():
+            self.release()
+            raise SweepExistsError(
+                f"{name}: a sweep with this name exists at {out}; continue it with `sct-sweep resume "
+                f"{name}` or start a new one with --name"
+            )
+
+    def release(self) -> None:
+        """Give the name back (idempotent): the claim file goes, and `out` too if nothing else was written."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: a waiter then finds a new file to lock
+        os.close(self._fd)
+        self._fd = None
+        try:
+            self.out.rmdir()
+        except OSError:  # not empty: the record or Ray's state is there
+            pass

@@ -24,9 +24,9 @@ from sct_sweeps.config import (
     storage_root,
     tracking_uri,
 )
-from sct_sweeps.errors import SweepExistsError, TrackingError
-from sct_sweeps.record import RECORD, SweepRecord, load_record
-from sct_sweeps.session import check_local_gpu, slots, start_ray, stop_ray, trial_resources
+from sct_sweeps.errors import TrackingError
+from sct_sweeps.record import NameClaim, SweepRecord, load_record
+from sct_sweeps.session import check_local_gpu, probe_address, slots, start_ray, stop_ray, trial_resources
 from sct_sweeps.space import param_space, scheduler, search_alg, trial_count
 
 log = logging.getLogger(__name__)
@@ -201,19 +201,19 @@ def run_sweep(
     """Start sweep `spec`: pretrain once per distinct phase one, then every trial under Ray Tune."""
     t0 = time.perf_counter()
     out = storage_root(spec) / spec.name
-    if (out / RECORD).exists() or (out / "tuner.pkl").exists():
-        raise SweepExistsError(
-            f"{spec.name}: a sweep with this name exists at {out}; continue it with `sct-sweep resume "
-            f"{spec.name}` or start a new one with --name"
-        )
+    user_uri = uri or spec.tracking_uri
     uri = tracking_uri(spec, uri)
-    if not address:
+    tracking.check_store_dir(uri, None if user_uri else project_dir())
+    if address:
+        probe_address(address)  # before the name, the store or Ray are touched
+    else:
         check_local_gpu(spec)
     _check_server(uri)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
-        opening = pool.submit(_open_store, uri, spec)  # MLflow's import and migrations overlap Ray's start
-        start_ray(address, num_cpus)
+    claim = NameClaim(out, spec.name)  # SweepExistsError if taken; held until the record is written
     try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
+            opening = pool.submit(_open_store, uri, spec)  # MLflow's import and migrations overlap Ray's start
+            start_ray(address, num_cpus)
         client, exp_id = opening.result()
         resources = trial_resources(spec)
         text = spec_yaml(spec)
@@ -232,6 +232,7 @@ def run_sweep(
             address=address,
         )
         record.save()
+        claim.release()
         log.info("sweep %s: MLflow experiment %s, parent run %s, results %s", spec.name, exp_id, parent, out)
         try:
             from sct_sweeps.pretrain import pretrain_all
@@ -245,6 +246,7 @@ def run_sweep(
         tuner = _make_tuner(spec, record, resources, progress)
         return _fit(tuner, record, client, t0, pretrain_s, slots(spec, resources))
     finally:
+        claim.release()
         stop_ray()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
 from sct_sweeps.config import SweepSpec
@@ -17,6 +18,7 @@ from trainer.heap import heap_env
 
 log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT_S = 5.0  # a cluster's head answers a TCP connect in milliseconds
 OBJECT_STORE_BYTES = 256 * 1024**2  # trials exchange only metrics and checkpoint paths
 # What the private Ray leaves out (docs/benchmarks.md §2, bench/ray_tax.py): the idle worker per CPU
 # it starts for the first driver (Tune's trial actors carry a runtime env and never use them), its
@@ -38,6 +40,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Ray tables; progress is ours
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address:
+        probe_address(address)
         import ray
 
         try:
@@ -60,6 +63,23 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
         log_to_driver=True,
         logging_level=_ray_log_level(),
     )
+
+
+def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse in seconds a `host:port` (or `ray://host:port`) where nothing accepts a TCP connection:
+    `ray.init` would keep retrying for minutes. `auto` and other forms are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        why = f"no answer in {timeout_s:g} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise ClusterError(
+            f"--address {address}: no Ray cluster answers there ({why}); "
+            "check the address, or start the head with `ray start --head`"
+        ) from None
 
 
 def stop_ray() -> None:

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sct_sweeps.errors import TrackingError
+from sct_sweeps.locks import file_lock
 from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,40 @@ _MAX_BACKOFF_S = 60.0
 
 
 def client(uri: str) -> Any:
-    """An MlflowClient bound to `uri` (no global MLflow state is touched)."""
+    """An MlflowClient bound to `uri` (no global MLflow state is touched).
+
+    The client opens its store at once; a SQLite store is opened under the lock ``<db>.lock``, so the
+    first process to open a new store creates and migrates it while the others wait (two at once
+    collide: "duplicate column name", "Online migration expected", "Circular dependency detected").
+    """
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    check_store_dir(uri)
+    if not os.access(db.parent, os.W_OK):  # a read-only directory: no store can be created there to race on
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(db.with_name(f"{db.name}.lock")):
+        return MlflowClient(tracking_uri=uri)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store or an in-memory one)."""
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    return None if path in ("", ":memory:") else Path(path.split("?", 1)[0])
+
+
+def check_store_dir(uri: str, own: Path | None = None) -> None:
+    """Refuse a SQLite store whose directory does not exist (MLflow would make it): a typo in a path the
+    user gave should not grow a directory tree. `own`, the project's default directory, is made."""
+    db = sqlite_path(uri)
+    if db is None or db.parent.is_dir():
+        return
+    if own is not None and db.parent.resolve() == own.resolve():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return
+    raise TrackingError(f"tracking_uri {uri}: directory {db.parent} does not exist; create it first")
 
 
 def is_local(uri: str) -> bool:

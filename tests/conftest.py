@@ -163,6 +163,21 @@ def cluster_env(cli_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until the MLflow server at `url` answers /health; fail with its output if `proc` exits first."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        out = "" if proc.stdout is None or proc.poll() is None else proc.stdout.read()[-2000:]
+        assert proc.poll() is None and time.time() < deadline, out
+        time.sleep(0.5)
+
+
 def sct_sweep() -> str:
     """Path of the `sct-sweep` console script of this environment."""
     return str(VENV_BIN / "sct-sweep")

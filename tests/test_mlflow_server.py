@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MlflowServer, free_port, kill_pids, processes_under, sct_sweep, stop_pid, tiny_spec
+from conftest import (
+    MlflowServer,
+    free_port,
+    kill_pids,
+    processes_under,
+    sct_sweep,
+    stop_pid,
+    tiny_spec,
+    wait_healthy,
+)
 
 from sct_sweeps import tracking
 
@@ -131,16 +140,7 @@ def test_ui_binds_loopback_by_default(project: Path) -> None:
     port = free_port()
     proc = subprocess.Popen([sct_sweep(), "ui", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
         assert _listening(port) and set(_listening(port)) <= {"0100007F"}, _listening(port)  # 127.0.0.1 only
         assert (project / "mlruns.db").exists()  # the project's store
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 from trainer.checkpoint import load_latest
 from trainer.config import TrainConfig, load_train_config
 from trainer.errors import TrainerError
+from trainer.footprint import check_fits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_train_config(args.config)
+        check_fits(cfg)
         if args.pretrain_only:
             print(pretrain(cfg, Path(cfg.out_dir).absolute() / "pretrain.pt"))
             return 0

@@ -6,17 +6,24 @@ errors everywhere (``extra="forbid"``), so a typo in a YAML file never silently 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainer.errors import ConfigError
+from trainer.yaml_io import read_yaml
+
+# Upper bounds of counts: beyond them a value is a typo, not a plan (and some would overflow torch).
+MAX_ITERATIONS = 10**9
+MAX_BATCH = 2**20
+MAX_SEED = 2**32 - 1  # numpy and torch both take seeds in 0 .. 2**32-1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in any float field (also inside lists, tuples, unions) is refused
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -24,7 +31,7 @@ class DataConfig(_Strict):
 
     name: Literal["digits", "fashion_mnist", "cifar10", "imagenet64", "folder"] = "digits"
     root: Path | None = None  # data directory; None = the dataset's default location
-    resolution: int | None = Field(None, gt=0)  # digits: 8 (native) or 16; others: native size
+    resolution: int | None = Field(None, gt=0, le=4096)  # digits: 8 (native) or 16; others: native size
     conditional: bool = False  # train a class-conditional model (labels go to the network)
     on_device: bool = True  # keep the whole dataset as one tensor on the training device
 
@@ -32,16 +39,16 @@ class DataConfig(_Strict):
 class NetworkConfig(_Strict):
     """EDM-style U-Net (DDPM++ flavour) size knobs."""
 
-    model_channels: int = Field(32, gt=0)  # base width
+    model_channels: int = Field(32, gt=0, le=16384)  # base width
     channel_mult: list[int] = Field(default_factory=lambda: [1, 2])
-    num_blocks: int = Field(2, gt=0)  # residual blocks per resolution
+    num_blocks: int = Field(2, gt=0, le=256)  # residual blocks per resolution
     attn_resolutions: list[int] = Field(default_factory=list)  # resolutions with self-attention
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     embedding: Literal["positional", "fourier"] = "positional"
     # EDM2 (arch: edm2): the magnitude-preserving U-Net's knobs (Karras et al. 2024); other networks ignore them.
-    channel_mult_noise: int | None = Field(None, gt=0)  # noise-embedding width / model_channels; None = channel_mult[0]
-    channel_mult_emb: int | None = Field(None, gt=0)  # embedding width / model_channels; None = max(channel_mult)
-    channels_per_head: int = Field(64, gt=0)  # attention head width
+    channel_mult_noise: int | None = Field(None, gt=0, le=64)  # noise-emb. width / channels; None = channel_mult[0]
+    channel_mult_emb: int | None = Field(None, gt=0, le=64)  # emb. width / model_channels; None = max(channel_mult)
+    channels_per_head: int = Field(64, gt=0, le=16384)  # attention head width
     label_balance: float = Field(0.5, ge=0.0, le=1.0)  # embedding mix: noise level (0) vs class (1)
     concat_balance: float = Field(0.5, ge=0.0, le=1.0)  # decoder input mix: encoder skip (0) vs main path (1)
     res_balance: float = Field(0.3, ge=0.0, le=1.0)  # block output mix: main branch (0) vs residual branch (1)
@@ -52,8 +59,15 @@ class NetworkConfig(_Strict):
     @field_validator("channel_mult")
     @classmethod
     def _positive_mults(cls, v: list[int]) -> list[int]:
-        if not v or any(m <= 0 for m in v):
-            raise ValueError("must be a non-empty list of positive integers")
+        if not v or len(v) > 16 or any(not 0 < m <= 64 for m in v):
+            raise ValueError("must be a list of 1 to 16 integers in 1..64")
+        return v
+
+    @field_validator("attn_resolutions")
+    @classmethod
+    def _resolutions(cls, v: list[int]) -> list[int]:
+        if any(not 0 < r <= 4096 for r in v):
+            raise ValueError("must list resolutions in 1..4096")
         return v
 
 
@@ -69,8 +83,8 @@ class PrecondConfig(_Strict):
 class PretrainConfig(_Strict):
     """Phase one: EDM diffusion pretraining (docs/algorithms.md §2). Its checkpoint initialises tuning."""
 
-    iterations: int = Field(2000, ge=0)
-    batch_size: int = Field(128, gt=0)
+    iterations: int = Field(2000, ge=0, le=MAX_ITERATIONS)
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH)
     lr: float = Field(1e-3, gt=0.0)
     p_mean: float = -1.2
     p_std: float = Field(1.2, gt=0.0)
@@ -86,7 +100,7 @@ class ScheduleConfig(_Strict):
     q: float = Field(2.0, gt=1.0)
     k: float = Field(8.0, ge=0.0)
     b: float = 1.0
-    double_every: int | None = Field(None, gt=0)  # stage_iters; None = iterations / 8
+    double_every: int | None = Field(None, gt=0, le=MAX_ITERATIONS)  # stage_iters; None = iterations / 8
     smooth: bool = False  # SCT [R]: continuous stage s(i) = i / stage_iters
     clamp_t: bool = False  # clamp t to [sigma_min, sigma_max] (ECT does not)
 
@@ -94,8 +108,8 @@ class ScheduleConfig(_Strict):
 class IctConfig(_Strict):
     """iCT discretization curriculum (docs/algorithms.md §6)."""
 
-    s0: int = Field(10, gt=0)
-    s1: int = Field(1280, gt=0)
+    s0: int = Field(10, gt=0, le=10**6)
+    s1: int = Field(1280, gt=0, le=10**6)
     rho: float = Field(7.0, gt=0.0)
 
 
@@ -113,14 +127,14 @@ class SctConfig(_Strict):
     """SCT variance-reduced target (docs/algorithms.md §4.1) and phased training (§4.3)."""
 
     ref_batch: int | Literal["all"] = 256  # reference-set size n, own sample included; 1 = ECT
-    phases: int = Field(1, gt=0)  # 1 = ordinary ECT/SCT; M > 1 = phased (multistep) model
+    phases: int = Field(1, gt=0, le=1000)  # 1 = ordinary ECT/SCT; M > 1 = phased (multistep) model
     log_ess: bool = True  # log effective sample size per t bucket
 
     @field_validator("ref_batch")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be a positive integer or 'all'")
+        if isinstance(v, int) and not 1 <= v <= MAX_BATCH:
+            raise ValueError(f"must be a positive integer or 'all' (at most {MAX_BATCH})")
         return v
 
 
@@ -159,8 +173,8 @@ class SamplerConfig(_Strict):
     @field_validator("steps")
     @classmethod
     def _steps_positive(cls, v: list[int]) -> list[int]:
-        if not v or any(s < 1 for s in v):
-            raise ValueError("must be a non-empty list of integers >= 1")
+        if not v or any(not 1 <= s <= 1000 for s in v):
+            raise ValueError("must be a non-empty list of integers >= 1 (at most 1000)")
         return v
 
 
@@ -170,7 +184,7 @@ class OptimConfig(_Strict):
     name: Literal["radam", "adam"] = "radam"
     lr: float = Field(1e-4, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH)
     grad_clip: float | None = Field(None, gt=0.0)
 
 
@@ -184,9 +198,9 @@ class EmaConfig(_Strict):
 class EvalConfig(_Strict):
     """FID-vs-iteration evaluation (issue 3)."""
 
-    every: int = Field(100, gt=0)  # iterations between evaluations
-    fid_samples: int = Field(1000, gt=0)
-    batch_size: int = Field(500, gt=0)
+    every: int = Field(100, gt=0, le=MAX_ITERATIONS)  # iterations between evaluations
+    fid_samples: int = Field(1000, gt=0, le=10**7)
+    batch_size: int = Field(500, gt=0, le=MAX_BATCH)
     online: bool = True  # also score the online (non-EMA) weights
     inception_weights: Path | None = None  # required for cifar10 / imagenet64
     save_grid: bool = True
@@ -197,16 +211,16 @@ class TrainConfig(_Strict):
     """One training run: phase one (pretrain) then phase two (method), then evaluation."""
 
     method: Literal["edm", "ect", "sct", "ict"] = "sct"
-    iterations: int = Field(400, ge=0)  # tuning iterations (phase two)
-    seed: int = 0
+    iterations: int = Field(400, ge=0, le=MAX_ITERATIONS)  # tuning iterations (phase two)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # fp32 = true fp32 (TF32 matmuls off on CUDA, as ECT's code); tf32 = TF32 matmuls/convolutions on
     # CUDA (fp32 on the CPU); bf16 = bf16 autocast of the network passes (docs/algorithms.md §3).
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     compile: bool = False
     out_dir: Path = Path("runs/default")
-    checkpoint_every: int = Field(100, gt=0)  # also written at every evaluation
-    log_every: int = Field(10, gt=0)  # iterations between loss/cost reports
+    checkpoint_every: int = Field(100, gt=0, le=MAX_ITERATIONS)  # also written at every evaluation
+    log_every: int = Field(10, gt=0, le=MAX_ITERATIONS)  # iterations between loss/cost reports
 
     data: DataConfig = Field(default_factory=DataConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
@@ -249,13 +263,18 @@ class TrainConfig(_Strict):
         return self.schedule.double_every or max(1, self.iterations // 8)
 
 
+# pydantic names the member of a union that refused a value in the error's location: `resources.gpu.float`
+_UNION_MEMBER = re.compile(r"(int|float|str|bool|literal\[.*\]|function-\w+\[.*\])")
+
+
 def format_validation_error(err: Exception, prefix: str = "") -> str:
     """One line naming the first offending field path, e.g. `sct.ref_batch: must be ...`."""
     from pydantic import ValidationError
 
     if isinstance(err, ValidationError):
         e = err.errors()[0]
-        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        parts = [p for p in e["loc"] if not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p))]
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in parts).replace(".[", "[")
         loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -266,15 +285,7 @@ def format_validation_error(err: Exception, prefix: str = "") -> str:
 
 def load_train_config(path: Path) -> TrainConfig:
     """Read a TrainConfig YAML file; raise ConfigError with a one-line message on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of settings")
     try:
