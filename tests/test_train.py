@@ -207,3 +207,30 @@ def test_classic_checkpoint_records_label_dropout_and_samples(tmp_path):
     save_checkpoint(tmp_path / "old" / "state.pt", state)
     with pytest.raises(ConfigError, match="trained without it"):
         sample_grid(tmp_path / "old", 1, None, 1.5, 16, 0, "cpu", tmp_path / "h.png")
+
+
+def test_checkpoint_pruning_keeps_the_newest_two_and_drops_stale_newer_ones(tmp_path):
+    """A retried attempt resumed from it10 may find it900/it950 left by the attempt that failed: sorted with
+    them, the checkpoint just written (it15) would be the one dropped. Newer stale ones go instead."""
+    from trainer.train import prune_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for it in (5, 10, 15, 900, 950):
+        (root / f"it{it:07d}").mkdir(parents=True)
+        (root / f"it{it:07d}" / "state.pt").write_bytes(b"x")
+    prune_checkpoints(root, 15)
+    assert sorted(p.name for p in root.iterdir()) == ["it0000010", "it0000015"]
+
+
+@pytest.mark.slow
+def test_every_checkpoint_reaches_the_reporter(tmp_path):
+    """`checkpoint_every` checkpoints are reported (with their directory) like evaluation ones, so a sweep's
+    trial killed between evaluations resumes from the latest of them, not from the last evaluation."""
+    cfg = tiny(tmp_path, method="ect", iterations=20, checkpoint_every=5)
+    cfg.eval.every, cfg.eval.at_start = 20, False
+    rep = Collect()
+    train(cfg, rep)
+    reported = [(s, c) for s, _, c in rep.rows if c is not None]
+    assert [s for s, _ in reported] == [5, 10, 15, 20]
+    assert all(c.name == f"it{s:07d}" for s, c in reported)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["it0000015", "it0000020"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -271,11 +272,18 @@ def save_state(run: Run, done: int) -> Path:
     save_checkpoint(d / "state.pt", {**run.state.state_dict(), "rng": _rng_state(), "config": cfg.model_dump_json(),
                                      "params": run.n_params,
                                      "label_dropout": cfg.guidance.label_dropout_rate(cfg.data.conditional)})
-    for old in sorted((run.out_dir / "checkpoints").glob("it*"))[:-2]:
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+    prune_checkpoints(d.parent, done)
     return d
+
+
+def prune_checkpoints(root: Path, done: int) -> None:
+    """Keep the newest two checkpoints `it<i>` with i ≤ `done`. Newer ones are stale — left by an earlier
+    attempt that got further than the checkpoint this one resumed from — and go too: sorted with them, the
+    checkpoint just written could be the one dropped."""
+    dirs = [d for d in root.glob("it*") if d.name[2:].isdigit()]
+    current = sorted((d for d in dirs if int(d.name[2:]) <= done), key=lambda d: int(d.name[2:]))
+    for old in [d for d in dirs if int(d.name[2:]) > done] + current[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def evaluate(run: Run, done: int) -> None:
@@ -360,8 +368,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
             _add_segment(run.state.cost, seg)
             evaluate(run, done)
             seg = _clock()
-        elif done % cfg.checkpoint_every == 0:
+        elif done % cfg.checkpoint_every == 0:  # reported, so a sweep can restore from it (Ray's checkpoint)
             run.last_ckpt = save_state(run, done)
+            run.reporter.report(done, {}, run.last_ckpt)
     if start >= cfg.iterations and not run.history:
         evaluate(run, cfg.iterations)
     return TrainResult(metrics=run.metrics, checkpoint_dir=run.last_ckpt, iterations=cfg.iterations,
