@@ -7,6 +7,7 @@
 #    the machine's own CUDA build is used. Ray and MLflow are not needed.
 # 3. Runs the trainer's tests that need neither Ray nor MLflow with SCT_TEST_DEVICE=cuda.
 # 4. Runs bench/gpu_bench.py in the time left.
+# 5. Where the machine has several GPUs, bench/data_parallel.py: 1 GPU against all (otherwise says so).
 # OUTDIR gets gpu_check.log (everything), env.txt, pytest.log, gpu_bench.json and gpu_bench.md.
 # Exit status 0 only when CUDA was there, every test passed and every benchmark measurement ran.
 # Env: PYTHON (default python3), CHECK_BUDGET_S (default 360, the whole script), TEST_TIMEOUT_S (150),
@@ -103,6 +104,16 @@ if [ "$BENCH_BUDGET" -lt 60 ] && [ "$DRY" != 1 ]; then
 else
     timeout "$LEFT" "$PY" bench/gpu_bench.py "$OUT" --budget-s "$BENCH_BUDGET" "${SMOKE[@]}"
     BENCH_RC=$?
+fi
+
+# 5. Data-parallel scaling, 1 GPU against all of them (issue 25), where the machine has several.
+NGPU=$( [ "$DRY" = 1 ] && echo 1 || nvidia-smi -L 2>/dev/null | grep -c '^GPU' )
+if [ "$NGPU" -gt 1 ]; then
+    echo "== data_parallel: 1 vs $NGPU GPUs at ${SECONDS}s"
+    timeout 120 "$PY" bench/data_parallel.py --device cuda --workers "$NGPU" --channels 128 --batch 512 \
+        --steps 20 --rounds 3 | tee "$OUT/data_parallel.txt"
+else
+    echo "== data_parallel: this machine has $NGPU GPU: multi-GPU scaling not measured" | tee "$OUT/data_parallel.txt"
 fi
 
 echo "== gpu_check done in ${SECONDS}s: pytest exit $TESTS_RC, gpu_bench exit $BENCH_RC (124 = timed out)"
