@@ -163,19 +163,25 @@ def cluster_env(cli_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Wait until the MLflow server at `url` answers /health; fail with its output if `proc` exits first."""
+def became_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether the MLflow server at `url` answers /health within `timeout` s (False once `proc` exits)."""
     deadline = time.time() + timeout
-    while True:
+    while proc.poll() is None and time.time() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
-                    return
+                    return True
         except OSError:
             pass
-        out = "" if proc.stdout is None or proc.poll() is None else proc.stdout.read()[-2000:]
-        assert proc.poll() is None and time.time() < deadline, out
         time.sleep(0.5)
+    return False
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until the MLflow server at `url` answers /health; fail with its output if `proc` exits first."""
+    if not became_healthy(url, proc, timeout):
+        out = "" if proc.stdout is None or proc.poll() is None else proc.stdout.read()[-2000:]
+        raise AssertionError(f"mlflow server at {url} did not become healthy: {out}")
 
 
 def sct_sweep() -> str:
@@ -205,19 +211,10 @@ class MlflowServer:
         # Its own session: the server and the workers it spawns form one process group we can signal.
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
         log.close()
-        deadline = time.time() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                tail = (self.root / "mlflow-server.log").read_text()[-2000:]
-                self.stop()
-                raise RuntimeError(f"mlflow server did not start: {tail}")
-            time.sleep(0.5)
+        if not became_healthy(self.url, self.proc, timeout):
+            tail = (self.root / "mlflow-server.log").read_text()[-2000:]
+            self.stop()
+            raise RuntimeError(f"mlflow server did not start: {tail}")
 
     def stop(self, graceful: bool = True) -> None:
         """SIGTERM (or at once SIGKILL) the process group of the server we started, by its leader's PID."""
