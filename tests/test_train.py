@@ -108,9 +108,11 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
         {"method": "ict", "pretrain": {"iterations": 0}},
         {"method": "sct", "sct": {"ref_batch": "all", "phases": 2}, "sampler": {"steps": [1, 2]}},
         {"method": "sct", "guidance": {"strength": 1.5, "bad_fraction": 0.5}},
+        {"method": "sct", "guidance": {"strength": 1.5, "bad_fraction": 0.3, "snapshot_fractions": [0.5]}},
         {"method": "sct", "data": {"conditional": True}, "guidance": {"mode": "classic", "strength": 1.5}},
     ],
-    ids=["edm", "ict", "sct-phased-all", "sct-autoguidance", "sct-conditional-classic"],
+    ids=["edm", "ict", "sct-phased-all", "sct-autoguidance", "sct-autoguidance-unlisted-fraction",
+         "sct-conditional-classic"],
 )
 def test_methods_train(tmp_path, over):
     rep = Collect()

@@ -150,6 +150,12 @@ class GuidanceConfig(_Strict):
     # 0 otherwise (auto guidance needs no null label); any value applies to every conditional model.
     label_dropout: float | None = Field(None, ge=0.0, lt=1.0)
 
+    @property
+    def snapshot_at(self) -> list[float]:
+        """The fractions of training at which the EMA is kept: `snapshot_fractions` and always `bad_fraction`,
+        so the configured guidance has its snapshot whatever the list says."""
+        return sorted({*self.snapshot_fractions, self.bad_fraction})
+
     def label_dropout_rate(self, conditional: bool) -> float:
         """The label-dropout probability training uses (0 for an unconditional model)."""
         if not conditional:

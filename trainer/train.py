@@ -337,7 +337,7 @@ def _step(run: Run, stats: LossStats, it: int) -> None:
     state.ema.update(state.model, it)
     state.iteration = it + 1
     state.cost["flops"] += state.flops_per_step
-    snap_at = {round(f * cfg.iterations): f"{f:g}" for f in cfg.guidance.snapshot_fractions}
+    snap_at = {round(f * cfg.iterations): f"{f:g}" for f in cfg.guidance.snapshot_at}
     if state.iteration in snap_at:  # EMA snapshots for SCT's guidance (docs/algorithms.md §4.5)
         state.snapshots[snap_at[state.iteration]] = {k: v.detach().clone()
                                                      for k, v in state.ema.model.state_dict().items()}
