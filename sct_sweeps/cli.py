@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sct_sweeps.errors import EXIT_USER_ERROR, MissingComponentError, user_message
+from sct_sweeps.errors import EXIT_USER_ERROR, user_message
 
 app = typer.Typer(
     help="Train, sweep (Ray Tune) and track (MLflow) consistency models trained by SCT / ECT / iCT.",
@@ -71,35 +71,13 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INF
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))  # read when mlflow is imported
 
 
-def _uri_of(name: str, storage: Path | None, given: str | None) -> str:
-    """The MLflow store of sweep `name`: --tracking-uri, else the one it was run with, else the default."""
-    if given:
-        from sct_sweeps.tracking import check_store_dir
+def _stores_of(name: str, storage: Path | None, given: str | None) -> Any:
+    """The stores of sweep `name`, MLflow: --tracking-uri, else the one it was run with, else the project's."""
+    from sct_sweeps.stores import resolve_stores
 
-        check_store_dir(given)
-        return given
-    from sct_sweeps.config import project_dir
-    from sct_sweeps.errors import SweepNotFoundError
-    from sct_sweeps.record import load_record
-
-    try:
-        return load_record(name, storage).tracking_uri
-    except SweepNotFoundError:
-        db = project_dir() / "mlruns.db"
-        if not db.is_file():
-            raise SweepNotFoundError(
-                f"{name}: no sweep results and no MLflow store at {db}; pass --tracking-uri"
-            ) from None
-        return f"sqlite:///{db}"
-
-
-def _dashboards(module: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(f"dashboards.{module}")
-    except ImportError as e:
-        raise MissingComponentError(f"dashboards.{module} is not available ({e})") from None
+    stores = resolve_stores(name=name, storage=storage, tracking_uri=given)
+    stores.check_tracking_dir()
+    return stores
 
 
 def _print_outcome(outcome: Any) -> None:
@@ -137,21 +115,39 @@ def _pretrain_progress() -> tuple[Any, Callable[[int, int], None]]:
     return progress, update
 
 
-def _after_sweep(name: str, uri: str) -> None:
+def _after_sweep(record: Any) -> None:
     """Best effort: build and publish the report; a failure is a warning, not a failed sweep."""
-    from sct_sweeps.config import project_dir
+    from sct_sweeps.stores import resolve_stores
 
     try:
-        path = _dashboards("report").publish_report(uri, name, project_dir() / "reports" / name)
-        out.print(f"report: {path}")
+        from dashboards.report import publish_report
+
+        out_dir = resolve_stores(tracking_uri=record.tracking_uri).reports / record.name
+        out.print(f"report: {publish_report(record.tracking_uri, record.name, out_dir)}")
     except Exception as e:
         err.print(f"warning: report not built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def _sweep_and_report(start: Callable[..., Any], *, address: str | None, num_cpus: int | None, report: bool) -> None:
+    """What run and resume share: `start(launch)` under a pretraining progress bar, the outcome, the report."""
+    from sct_sweeps.runner import Launch
+
+    progress, on_pretrain = _pretrain_progress()
+    try:
+        outcome = start(launch=Launch(address=address or None, num_cpus=num_cpus, on_pretrain=on_pretrain))
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    _print_outcome(outcome)
+    if report:
+        _after_sweep(outcome.record)
+    _exit_status(outcome)
 
 
 @app.command()
 @_user_errors
 def run(
-    spec: Path = typer.Argument(..., help="Sweep YAML, e.g. experiments/scaling.yaml."),
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep YAML, e.g. experiments/scaling.yaml."),
     address: str | None = ADDRESS,
     tracking_uri: str | None = TRACKING,
     name: str | None = typer.Option(None, "--name", help="Sweep name (default: the spec's `name`)."),
@@ -160,27 +156,19 @@ def run(
 ) -> None:
     """Run a sweep: validate, pretrain once per distinct phase one, run every trial, report."""
     from sct_sweeps.config import check_name, load_spec
-    from sct_sweeps.config import tracking_uri as resolve_uri
     from sct_sweeps.runner import run_sweep
     from sct_sweeps.space import plan
+    from sct_sweeps.stores import resolve_stores
 
-    s = load_spec(spec)
+    spec = load_spec(spec_path)
     if name:
-        s = s.model_copy(update={"name": check_name(name, "--name")})
-    uri = resolve_uri(s, tracking_uri)
-    out.print(f"[bold]sweep {s.name}[/bold] ({'cluster ' + address if address else 'embedded Ray'}; MLflow {uri})")
-    for line in plan(s, num_cpus).lines():
+        spec = spec.model_copy(update={"name": check_name(name, "--name")})
+    uri = resolve_stores(spec=spec, tracking_uri=tracking_uri).tracking_uri
+    out.print(f"[bold]sweep {spec.name}[/bold] ({'cluster ' + address if address else 'embedded Ray'}; MLflow {uri})")
+    for line in plan(spec, num_cpus).lines():
         out.print(f"  {line}")
-    progress, on_pretrain = _pretrain_progress()
-    try:
-        outcome = run_sweep(s, address, uri, num_cpus, on_pretrain)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
-    _print_outcome(outcome)
-    if report:
-        _after_sweep(s.name, uri)
-    _exit_status(outcome)
+    start = functools.partial(run_sweep, spec, uri=uri)
+    _sweep_and_report(start, address=address, num_cpus=num_cpus, report=report)
 
 
 @app.command()
@@ -196,16 +184,8 @@ def resume(
     """Continue a killed or interrupted sweep: finished trials are kept, the rest go on from checkpoints."""
     from sct_sweeps.runner import resume_sweep
 
-    progress, on_pretrain = _pretrain_progress()
-    try:
-        outcome = resume_sweep(name, storage, address, tracking_uri, num_cpus, on_pretrain)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
-    _print_outcome(outcome)
-    if report:
-        _after_sweep(name, outcome.record.tracking_uri)
-    _exit_status(outcome)
+    start = functools.partial(resume_sweep, name, storage=storage, uri=tracking_uri)
+    _sweep_and_report(start, address=address, num_cpus=num_cpus, report=report)
 
 
 @app.command()
@@ -236,7 +216,7 @@ def status(
 @app.command()
 @_user_errors
 def validate(
-    spec: Path = typer.Argument(..., help="Sweep YAML to check."),
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep YAML to check."),
     num_cpus: int | None = typer.Option(None, "--num-cpus", min=1, help="CPUs to plan for (default: this machine)."),
 ) -> None:
     """Check a sweep YAML and print its trial plan; runs nothing."""
@@ -244,11 +224,11 @@ def validate(
     from sct_sweeps.session import check_local_gpu
     from sct_sweeps.space import plan
 
-    s = load_spec(spec)
-    if s.resources.gpu != "auto":
-        check_local_gpu(s)
-    out.print(f"[bold]{spec}[/bold]: valid sweep {s.name} ({s.algorithm}, metric {s.metric} {s.mode})")
-    for line in plan(s, num_cpus).lines():
+    spec = load_spec(spec_path)
+    if spec.resources.gpu != "auto":
+        check_local_gpu(spec)
+    out.print(f"[bold]{spec_path}[/bold]: valid sweep {spec.name} ({spec.algorithm}, metric {spec.metric} {spec.mode})")
+    for line in plan(spec, num_cpus).lines():
         out.print(f"  {line}")
 
 
@@ -267,7 +247,8 @@ def sample(
     """Draw a grid of samples from a trained checkpoint (EMA weights)."""
     from sct_sweeps.sampling import sample_grid
 
-    path = sample_grid(checkpoint, steps, eta, cfg_strength, n, seed, device, out_path)
+    path = sample_grid(checkpoint, steps=steps, eta=eta, strength=cfg_strength, n=n, seed=seed, device=device,
+                       out=out_path)  # fmt: skip
     out.print(f"wrote {path}")
 
 
@@ -279,17 +260,18 @@ def ui(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """MLflow UI over the project's store (Ctrl-C stops it)."""
-    from sct_sweeps.config import normalize_uri, project_dir
+    from sct_sweeps.stores import resolve_stores
 
-    uri = normalize_uri(tracking_uri or f"sqlite:///{project_dir() / 'mlruns.db'}")
+    stores = resolve_stores(tracking_uri=tracking_uri)
+    uri = stores.tracking_uri
     if uri.startswith(("http://", "https://")):
         out.print(f"the store is a tracking server already: open {uri}")
         return
+    stores.check_tracking_dir()
     from sct_sweeps import tracking
 
-    tracking.check_store_dir(uri, None if tracking_uri else project_dir())
     tracking.client(uri)  # create (and migrate) a new store under its lock before the server opens it
-    art = project_dir() / "mlartifacts"
+    art = stores.artifact_root
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--default-artifact-root",
            str(art), "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
     out.print(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C to stop")
@@ -306,7 +288,9 @@ def export(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Every metric history of a sweep as Parquet: one row per (trial, step), params as columns."""
-    path = _dashboards("export").export_parquet(_uri_of(name, storage, tracking_uri), name, out_file)
+    from dashboards.export import export_parquet
+
+    path = export_parquet(_stores_of(name, storage, tracking_uri).tracking_uri, name, out_file)
     out.print(f"wrote {path}")
 
 
@@ -320,12 +304,11 @@ def report(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Plots and an HTML report of a sweep (FID curves, ablations, scaling fit)."""
-    from sct_sweeps.config import project_dir
+    from dashboards.report import build_report, publish_report
 
-    mod = _dashboards("report")
-    uri = _uri_of(name, storage, tracking_uri)
-    out_dir = out_dir or project_dir() / "reports" / name
-    path = (mod.publish_report if publish else mod.build_report)(uri, name, out_dir)
+    stores = _stores_of(name, storage, tracking_uri)
+    out_dir = out_dir or stores.reports / name
+    path = (publish_report if publish else build_report)(stores.tracking_uri, name, out_dir)
     out.print(f"wrote {path}")
 
 
@@ -338,10 +321,12 @@ def scaling(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Power-law fit FID(C) = a*C^-b + c against each varied cost (iterations, FLOPs, params), with CI."""
-    loader, fit = _dashboards("loader"), _dashboards("scaling")
-    res = loader.load_sweep(_uri_of(name, storage, tracking_uri), name)
+    from dashboards.loader import load_sweep
+    from dashboards.scaling import fit_sweep
+
+    res = load_sweep(_stores_of(name, storage, tracking_uri).tracking_uri, name)
     table = Table("FID", "vs", "points", "a", "b", "c", "R2 (log)", "b 95% CI", title=f"scaling of {name}")
-    for r in fit.fit_sweep(res.history, res.fid_steps, n_boot=n_boot):
+    for r in fit_sweep(res.history, res.fid_steps, n_boot=n_boot):
         label = f"{r.steps}-step"
         if r.fit is None:
             table.add_row(label, r.x, str(len(r.C)), "-", "-", "-", "-", r.error or "no fit")

@@ -29,11 +29,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _INCEPTION_DATASETS = ("cifar10", "imagenet64")
 
 
-def project_dir() -> Path:
-    """Where default results, MLflow store and caches live: $SCT_PROJECT_DIR, else the current directory."""
-    return Path(os.environ.get("SCT_PROJECT_DIR") or Path.cwd()).resolve()
-
-
 def check_name(name: str, where: str = "name") -> str:
     """A sweep name safe for paths and MLflow: letters, digits, `_`, `.`, `-`; no leading dot."""
     if not _NAME_RE.match(name) or name in (".", ".."):
@@ -364,35 +359,3 @@ def load_spec(path: Path) -> SweepSpec:
 def spec_yaml(spec: SweepSpec) -> str:
     """The validated spec as YAML (what is logged to MLflow and stored beside the results)."""
     return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)
-
-
-def storage_root(spec: SweepSpec) -> Path:
-    """Absolute Ray results root; the sweep's results are in ``<root>/<name>``."""
-    return Path(spec.storage or project_dir() / "ray_results").expanduser().resolve()
-
-
-def artifact_root(spec: SweepSpec) -> Path:
-    """Absolute MLflow artifact root for local (SQLite) stores."""
-    return Path(spec.artifact_root or project_dir() / "mlartifacts").expanduser().resolve()
-
-
-def pretrain_cache(spec: SweepSpec) -> Path:
-    """Absolute content-addressed pretraining cache, shared by sweeps (shared storage on a cluster)."""
-    return Path(spec.pretrain_cache or project_dir() / ".cache" / "pretrain").expanduser().resolve()
-
-
-def normalize_uri(uri: str) -> str:
-    """A tracking URI usable from any working directory: relative SQLite paths made absolute."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
-    if "://" not in uri:  # a bare path: MLflow would read it as a file store, which 3.x refuses
-        raise SpecError(f"tracking_uri: {uri!r} needs a scheme: sqlite:////abs/path.db or http://host:port")
-    return uri
-
-
-def tracking_uri(spec: SweepSpec, given: str | None = None) -> str:
-    """--tracking-uri / MLFLOW_TRACKING_URI, else the spec's, else ``sqlite:////<project>/mlruns.db``.
-
-    A relative SQLite path is made absolute (Ray moves the trial's working directory).
-    """
-    return normalize_uri(given or spec.tracking_uri or f"sqlite:///{project_dir() / 'mlruns.db'}")

@@ -38,10 +38,6 @@ class TrackingError(SweepError):
     """The MLflow tracking store cannot be reached or used."""
 
 
-class MissingComponentError(SweepError):
-    """A part of the project this command needs is not installed or not written yet."""
-
-
 def user_message(err: BaseException) -> str | None:
     """One line for an error the user can fix, or None for a bug (which should show a traceback)."""
     if isinstance(err, (SweepError, TrainerError)):

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from sct_sweeps.config import SweepSpec, check_name, parse_spec, project_dir
+from sct_sweeps.config import SweepSpec, check_name, parse_spec
 from sct_sweeps.errors import SweepExistsError, SweepNotFoundError
 from sct_sweeps.locks import lock_file
 from trainer.yaml_io import parse_yaml
@@ -48,23 +48,17 @@ class SweepRecord:
         return parse_spec(parse_yaml(self.spec_yaml), f"{self.results_dir}/{RECORD}")
 
 
-def results_dir(name: str, storage: Path | None = None) -> Path:
-    """``<storage>/<name>`` (storage: the given root, else ``<project>/ray_results``)."""
-    return Path(storage or project_dir() / "ray_results").expanduser().resolve() / check_name(name)
-
-
-def load_record(name: str, storage: Path | None = None) -> SweepRecord:
-    """The record of sweep `name`; SweepNotFoundError naming where it looked."""
-    path = results_dir(name, storage) / RECORD
+def load_record(name: str, results: Path) -> SweepRecord:
+    """The record of sweep `name` under the Ray results root `results`; SweepNotFoundError naming where it looked."""
+    path = results / check_name(name) / RECORD
     if not path.is_file():
         raise SweepNotFoundError(f"{name}: no sweep at {path.parent} (pass --storage if it lives elsewhere)")
     return SweepRecord(**json.loads(path.read_text()))
 
 
-def list_sweeps(storage: Path | None = None) -> list[SweepRecord]:
-    """Every sweep under the storage root, oldest first."""
-    root = Path(storage or project_dir() / "ray_results").expanduser().resolve()
-    records = [SweepRecord(**json.loads(p.read_text())) for p in root.glob(f"*/{RECORD}")]
+def list_sweeps(results: Path) -> list[SweepRecord]:
+    """Every sweep under the Ray results root `results`, oldest first."""
+    records = [SweepRecord(**json.loads(p.read_text())) for p in results.glob(f"*/{RECORD}")]
     return sorted(records, key=lambda r: r.created)
 
 

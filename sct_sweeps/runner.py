@@ -6,28 +6,22 @@ The results of a sweep live in ``<storage>/<name>``: Ray's experiment state plus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from sct_sweeps import tracking
-from sct_sweeps.config import (
-    SweepSpec,
-    artifact_root,
-    pretrain_cache,
-    project_dir,
-    spec_yaml,
-    storage_root,
-    tracking_uri,
-)
+from sct_sweeps.config import SweepSpec, spec_yaml
 from sct_sweeps.errors import TrackingError
 from sct_sweeps.record import NameClaim, SweepRecord, load_record
 from sct_sweeps.session import check_local_gpu, probe_address, slots, start_ray, stop_ray, trial_resources
 from sct_sweeps.space import param_space, scheduler, search_alg, trial_count
+from sct_sweeps.stores import Stores, is_local, resolve_stores
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +53,7 @@ def _check_server(uri: str) -> None:
     """Fail in seconds, not minutes of client retries, when a tracking server does not answer."""
     import urllib.request
 
-    if tracking.is_local(uri):
+    if is_local(uri):
         return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
@@ -68,14 +62,28 @@ def _check_server(uri: str) -> None:
         raise TrackingError(f"tracking_uri {uri}: MLflow server not reachable ({e})") from None
 
 
-def _open_store(uri: str, spec: SweepSpec) -> tuple[Any, str]:
+def _open_store(stores: Stores, spec: SweepSpec) -> tuple[Any, str]:
     """The MLflow client and the sweep's experiment id (created if new); TrackingError if unusable."""
+    uri = stores.tracking_uri
     try:
         client = tracking.client(uri)
-        exp_id = tracking.ensure_experiment(client, spec.name, artifact_root(spec) if tracking.is_local(uri) else None)
+        exp_id = tracking.ensure_experiment(client, spec.name, stores.artifact_root)
     except Exception as e:
         raise TrackingError(f"tracking_uri {uri}: MLflow store not usable ({str(e).splitlines()[0][:200]})") from None
     return client, exp_id
+
+
+def _find_parent(record: SweepRecord) -> Any:
+    """The MLflow client of a sweep being resumed, once its parent run is found; TrackingError if not."""
+    client = tracking.client(record.tracking_uri)
+    try:
+        client.get_run(record.parent_run_id)
+    except Exception as e:
+        raise TrackingError(
+            f"{record.tracking_uri}: parent run {record.parent_run_id} of sweep {record.name} not found "
+            f"({str(e).splitlines()[0][:160]}); pass the --tracking-uri the sweep was started with"
+        ) from None
+    return client
 
 
 def reconcile_runs(record: SweepRecord) -> dict[str, str]:
@@ -176,7 +184,15 @@ def _fit(tuner: Any, record: SweepRecord, client: Any, t0: float, pretrain_s: fl
         status = "FINISHED"
         client.set_tag(record.parent_run_id, "sct.failed_trials", str(errors))
         trial_s = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
-        return SweepOutcome(record, time.perf_counter() - t0, len(results), errors, pretrain_s, trial_s, slots)
+        return SweepOutcome(
+            record=record,
+            wall_s=time.perf_counter() - t0,
+            trials=len(results),
+            errors=errors,
+            pretrain_s=pretrain_s,
+            trial_s=trial_s,
+            slots=slots,
+        )
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -190,64 +206,111 @@ def _fit(tuner: Any, record: SweepRecord, client: Any, t0: float, pretrain_s: fl
             log.error("could not close the sweep's MLflow runs: %s", e)
 
 
-def run_sweep(
-    spec: SweepSpec,
-    address: str | None = None,
-    uri: str | None = None,
-    num_cpus: int | None = None,
-    on_pretrain: Callable[[int, int], None] | None = None,
-    progress: bool = True,
-) -> SweepOutcome:
-    """Start sweep `spec`: pretrain once per distinct phase one, then every trial under Ray Tune."""
-    t0 = time.perf_counter()
-    out = storage_root(spec) / spec.name
-    user_uri = uri or spec.tracking_uri
-    uri = tracking_uri(spec, uri)
-    tracking.check_store_dir(uri, None if user_uri else project_dir())
-    if address:
-        probe_address(address)  # before the name, the store or Ray are touched
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How `run` and `resume` drive a sweep: on which Ray, with how many CPUs, what shows progress."""
+
+    address: str | None = None  # Ray cluster; None = a private embedded Ray
+    num_cpus: int | None = None  # CPUs of the embedded Ray (default: all)
+    on_pretrain: Callable[[int, int], None] | None = None  # (done, total) of the shared pretraining
+    progress: bool = True  # the live trial table
+
+
+def _preflight(spec: SweepSpec, uri: str, launch: Launch) -> None:
+    """Before the name, the store or Ray are touched: the cluster answers (or the local GPU exists), and the server."""
+    if launch.address:
+        probe_address(launch.address)
     else:
         check_local_gpu(spec)
     _check_server(uri)
-    claim = NameClaim(out, spec.name)  # SweepExistsError if taken; held until the record is written
+
+
+@contextlib.contextmanager
+def _ray_session(
+    launch: Launch, open_store: Callable[[], Any], release: Callable[[], None] = lambda: None
+) -> Iterator[Any]:
+    """Open the store while Ray starts; at the end, however it ends, `release` (a name claim) and stop Ray."""
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
-            opening = pool.submit(_open_store, uri, spec)  # MLflow's import and migrations overlap Ray's start
-            start_ray(address, num_cpus)
-        client, exp_id = opening.result()
+            opening = pool.submit(open_store)  # MLflow's import and migrations overlap Ray's start
+            start_ray(launch.address, launch.num_cpus)
+        yield opening.result()
+    finally:
+        release()
+        stop_ray()
+
+
+def _drive(
+    *,
+    spec: SweepSpec,
+    record: SweepRecord,
+    client: Any,
+    resources: dict[str, float],
+    launch: Launch,
+    t0: float,
+    fresh: bool,
+) -> SweepOutcome:
+    """What run (`fresh`) and resume share once the parent run is open: pretraining, the Tuner, the books."""
+    from ray import tune
+
+    from sct_sweeps.pretrain import pretrain_all
+
+    t_pre = time.perf_counter()
+    try:
+        pretrain_all(spec, Path(record.pretrain_cache), resources, launch.on_pretrain)
+    except BaseException:
+        if fresh:
+            tracking.end_run(client, record.parent_run_id, "FAILED")
+        raise
+    pretrain_s = time.perf_counter() - t_pre
+    if not fresh and tune.Tuner.can_restore(record.results_dir):
+        orphans = retire_orphans(record)
+        if orphans:
+            log.warning("deleted %d MLflow runs of trials Ray lost with the driver: %s", len(orphans), orphans)
+        tuner = tune.Tuner.restore(
+            record.results_dir,
+            trainable=_trainable(record, spec, resources),
+            resume_unfinished=True,
+            resume_errored=True,
+            restart_errored=False,
+        )
+    else:
+        if not fresh:  # killed before the Tuner started (during pretraining): start it now, same parent run
+            log.info("sweep %s never reached the Tuner; starting it", record.name)
+        tuner = _make_tuner(spec, record, resources, launch.progress)
+    return _fit(tuner, record, client, t0, pretrain_s, slots(spec, resources))
+
+
+def run_sweep(spec: SweepSpec, *, uri: str | None = None, launch: Launch = Launch()) -> SweepOutcome:
+    """Start sweep `spec`: pretrain once per distinct phase one, then every trial under Ray Tune."""
+    t0 = time.perf_counter()
+    stores = resolve_stores(spec=spec, tracking_uri=uri)
+    stores.check_tracking_dir()
+    _preflight(spec, stores.tracking_uri, launch)
+    out = stores.sweep_dir(spec.name)
+    claim = NameClaim(out, spec.name)  # SweepExistsError if taken; held until the record is written
+    with _ray_session(launch, lambda: _open_store(stores, spec), claim.release) as (client, exp_id):
         resources = trial_resources(spec)
         text = spec_yaml(spec)
+        params = _parent_params(spec, resources, launch.address)
         parent = tracking.start_parent_run(
-            client, exp_id, spec.name, _parent_params(spec, resources, address), text, project_dir()
+            client, experiment_id=exp_id, sweep=spec.name, params=params, spec_text=text, repo=stores.project
         )
         record = SweepRecord(
             name=spec.name,
             spec_yaml=text,
-            tracking_uri=uri,
+            tracking_uri=stores.tracking_uri,
             experiment_id=exp_id,
             parent_run_id=parent,
-            pretrain_cache=str(pretrain_cache(spec)),
+            pretrain_cache=str(stores.pretrain_cache),
             results_dir=str(out),
             created=time.time(),
-            address=address,
+            address=launch.address,
         )
         record.save()
         claim.release()
         log.info("sweep %s: MLflow experiment %s, parent run %s, results %s", spec.name, exp_id, parent, out)
-        try:
-            from sct_sweeps.pretrain import pretrain_all
-
-            t_pre = time.perf_counter()
-            pretrain_all(spec, Path(record.pretrain_cache), resources, on_pretrain)
-            pretrain_s = time.perf_counter() - t_pre
-        except BaseException:
-            tracking.end_run(client, parent, "FAILED")
-            raise
-        tuner = _make_tuner(spec, record, resources, progress)
-        return _fit(tuner, record, client, t0, pretrain_s, slots(spec, resources))
-    finally:
-        claim.release()
-        stop_ray()
+        return _drive(spec=spec, record=record, client=client, resources=resources, launch=launch, t0=t0, fresh=True)
 
 
 def _make_tuner(spec: SweepSpec, record: SweepRecord, resources: dict[str, float], progress: bool) -> Any:
@@ -281,58 +344,18 @@ def _make_tuner(spec: SweepSpec, record: SweepRecord, resources: dict[str, float
 
 
 def resume_sweep(
-    name: str,
-    storage: Path | None = None,
-    address: str | None = None,
-    uri: str | None = None,
-    num_cpus: int | None = None,
-    on_pretrain: Callable[[int, int], None] | None = None,
+    name: str, *, storage: Path | None = None, uri: str | None = None, launch: Launch = Launch()
 ) -> SweepOutcome:
     """Continue sweep `name`: finished trials stay, unfinished and errored ones go on from their checkpoints."""
     t0 = time.perf_counter()
-    record = load_record(name, storage)
+    record = load_record(name, resolve_stores(storage=storage).results)
+    stores = resolve_stores(name=name, storage=storage, tracking_uri=uri)
+    record.tracking_uri = stores.tracking_uri
     spec = record.spec
-    if uri:
-        record.tracking_uri = uri
-    address = address or None
-    if not address:
-        check_local_gpu(spec)
-    _check_server(record.tracking_uri)
-    client = tracking.client(record.tracking_uri)
-    try:
-        client.get_run(record.parent_run_id)
-    except Exception as e:
-        raise TrackingError(
-            f"{record.tracking_uri}: parent run {record.parent_run_id} of sweep {name} not found "
-            f"({str(e).splitlines()[0][:160]}); pass the --tracking-uri the sweep was started with"
-        ) from None
-    start_ray(address, num_cpus)
-    try:
-        from ray import tune
-
+    _preflight(spec, record.tracking_uri, launch)
+    with _ray_session(launch, lambda: _find_parent(record)) as client:
         resources = trial_resources(spec)
-        record.address = address
+        record.address = launch.address
         record.save()
         tracking.reopen_run(client, record.parent_run_id)
-        from sct_sweeps.pretrain import pretrain_all
-
-        t_pre = time.perf_counter()
-        pretrain_all(spec, Path(record.pretrain_cache), resources, on_pretrain)
-        pretrain_s = time.perf_counter() - t_pre
-        if tune.Tuner.can_restore(record.results_dir):
-            orphans = retire_orphans(record)
-            if orphans:
-                log.warning("deleted %d MLflow runs of trials Ray lost with the driver: %s", len(orphans), orphans)
-            tuner = tune.Tuner.restore(
-                record.results_dir,
-                trainable=_trainable(record, spec, resources),
-                resume_unfinished=True,
-                resume_errored=True,
-                restart_errored=False,
-            )
-        else:  # killed before the Tuner started (during pretraining): start it now, same parent run
-            log.info("sweep %s never reached the Tuner; starting it", name)
-            tuner = _make_tuner(spec, record, resources, progress=True)
-        return _fit(tuner, record, client, t0, pretrain_s, slots(spec, resources))
-    finally:
-        stop_ray()
+        return _drive(spec=spec, record=record, client=client, resources=resources, launch=launch, t0=t0, fresh=False)

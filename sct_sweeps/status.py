@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from sct_sweeps.errors import SweepNotFoundError
-from sct_sweeps.record import list_sweeps, load_record
+from sct_sweeps.record import SweepRecord, list_sweeps, load_record
+from sct_sweeps.stores import resolve_stores
 
 
 def _analysis(results_dir: str) -> Any:
@@ -29,12 +30,16 @@ def _newest_state_file(results_dir: str) -> Path | None:
     return None if newest is None else Path(newest)
 
 
+def _record(name: str, storage: Path | None) -> SweepRecord:
+    return load_record(name, resolve_stores(storage=storage).results)
+
+
 def state_saved_at(name: str, storage: Path | None = None) -> float | None:
     """When the driver last saved the sweep's trial states (epoch seconds; None before the first save).
 
     A RUNNING trial in a snapshot much older than a few minutes means the driver is gone: resume it.
     """
-    newest = _newest_state_file(load_record(name, storage).results_dir)
+    newest = _newest_state_file(_record(name, storage).results_dir)
     return None if newest is None else newest.stat().st_mtime
 
 
@@ -72,7 +77,7 @@ def _last_error(trial: Any) -> str:
 
 def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[str, ...]]]:
     """(metric, rows of trial id, state, node, iteration, best metric so far, last error line)."""
-    record = load_record(name, storage)
+    record = _record(name, storage)
     spec = record.spec
     analysis = _analysis(record.results_dir)
     if analysis is None:
@@ -102,7 +107,7 @@ def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[
 def sweep_rows(storage: Path | None = None) -> list[tuple[str, ...]]:
     """One row per sweep: name, trial count, states, MLflow store, results directory."""
     rows = []
-    for r in list_sweeps(storage):
+    for r in list_sweeps(resolve_stores(storage=storage).results):
         states = Counter(trial_states(r.results_dir).values())
         text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "not started"
         rows.append((r.name, str(sum(states.values())), text, r.tracking_uri, r.results_dir))

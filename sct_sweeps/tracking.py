@@ -72,11 +72,6 @@ def check_store_dir(uri: str, own: Path | None = None) -> None:
     raise TrackingError(f"tracking_uri {uri}: directory {db.parent} does not exist; create it first")
 
 
-def is_local(uri: str) -> bool:
-    """A store whose artifacts this process writes itself (SQLite / file), not a tracking server."""
-    return not uri.startswith(("http://", "https://", "databricks"))
-
-
 def fail_fast_http() -> None:
     """Make one MLflow HTTP request give up after seconds, not minutes: the trial's buffer retries."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")

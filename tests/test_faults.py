@@ -178,10 +178,11 @@ def test_trial_faults_do_not_stop_the_sweep(
 
     from sct_sweeps.record import load_record
     from sct_sweeps.runner import retire_orphans
+    from sct_sweeps.stores import resolve_stores
 
     tags = {**{k: v for k, v in good.data.tags.items() if k != "mlflow.runName"}, "sct.trial_id": "lost_00009"}
     lost = client.create_run(good.info.experiment_id, tags=tags, run_name="lost").info.run_id
-    assert retire_orphans(load_record("faults")) == [lost]
+    assert retire_orphans(load_record("faults", resolve_stores().results)) == [lost]
     assert {r.info.run_id for r in child_runs(uri, "faults")} == {good.info.run_id, bad.info.run_id}
     trash = client.search_runs([good.info.experiment_id], run_view_type=ViewType.DELETED_ONLY)
     assert [(r.info.run_id, r.info.status) for r in trash] == [(lost, "KILLED")]

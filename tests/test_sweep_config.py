@@ -10,8 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from sct_sweeps.cli import app
-from sct_sweeps.config import SweepSpec, load_spec, parse_spec, storage_root, tracking_uri
+from sct_sweeps.config import SweepSpec, load_spec, parse_spec
 from sct_sweeps.errors import SpecError
+from sct_sweeps.stores import resolve_stores
 
 GOOD = {
     "name": "t",
@@ -107,11 +108,11 @@ def test_malformed_spec_is_one_line_naming_the_field(case: str, changes: dict, e
 def test_good_spec_and_defaults(project: Path) -> None:
     spec = parse_spec(spec_with(), "s.yaml")
     assert spec.base.iterations == 20 and spec.algorithm == "grid"
-    assert storage_root(spec) == project / "ray_results"
-    assert tracking_uri(spec) == f"sqlite:///{project / 'mlruns.db'}"
-    assert tracking_uri(spec, "sqlite:///rel.db").startswith("sqlite:////")
+    assert resolve_stores(spec=spec).results == project / "ray_results"
+    assert resolve_stores(spec=spec).tracking_uri == f"sqlite:///{project / 'mlruns.db'}"
+    assert resolve_stores(spec=spec, tracking_uri="sqlite:///rel.db").tracking_uri.startswith("sqlite:////")
     with pytest.raises(SpecError, match="tracking_uri"):
-        tracking_uri(spec, "just/a/path")
+        resolve_stores(spec=spec, tracking_uri="just/a/path")
 
 
 def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
