@@ -55,10 +55,10 @@ def pretrain_tags(uri: str, experiment_id: str) -> list[str]:
 def sweep(raw: dict[str, Any], cpus: int) -> dict[str, Any]:
     """Run one sweep; its wall and pretraining time, the trials' pretrain tags, and the cache's files."""
     from sct_sweeps.config import parse_spec
-    from sct_sweeps.runner import run_sweep
+    from sct_sweeps.runner import Launch, run_sweep
 
     t0 = time.perf_counter()
-    out = run_sweep(parse_spec(raw, "bench"), None, None, cpus, progress=False)
+    out = run_sweep(parse_spec(raw, "bench"), launch=Launch(num_cpus=cpus, progress=False))
     wall = time.perf_counter() - t0
     rec = out.record
     return {"wall": wall, "pretrain": out.pretrain_s, "trials": out.trials, "errors": out.errors, "slots": out.slots,

@@ -56,14 +56,14 @@ def child(iterations: int) -> dict[str, Any]:
 def _timeline(iterations: int) -> dict[str, Any]:
     from sct_sweeps import tracking
     from sct_sweeps.config import parse_spec
-    from sct_sweeps.runner import run_sweep
+    from sct_sweeps.runner import Launch, run_sweep
 
     spec = parse_spec(spec_dict("timeline", 2, iterations, 16), "bench")
     tick, boot = os.sysconf("SC_CLK_TCK"), _boot_time()
     monitor = CpuMonitor(0.1)
     monitor.start()
     t0, c0 = time.time(), time.process_time()  # the driver's CPU from here: its imports are done
-    outcome = run_sweep(spec, None, None, 2, progress=False)
+    outcome = run_sweep(spec, launch=Launch(num_cpus=2, progress=False))
     ended = time.time()
     monitor.stop()
     rec = outcome.record

@@ -153,13 +153,13 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
 
     from sct_sweeps import tracking
     from sct_sweeps.config import parse_spec
-    from sct_sweeps.runner import run_sweep
+    from sct_sweeps.runner import Launch, run_sweep
 
     spec = parse_spec(spec_raw, "bench")
     monitor = CpuMonitor()
     monitor.start()
     t0, c0, started = time.perf_counter(), time.process_time(), time.time()
-    outcome = run_sweep(spec, None, None, cpus, progress=False)
+    outcome = run_sweep(spec, launch=Launch(num_cpus=cpus, progress=False))
     wall, driver_cpu, ended = time.perf_counter() - t0, time.process_time() - c0, time.time()
     cpu = monitor.stop()
     cpu["driver"] = driver_cpu - monitor.own_cpu  # this script's sampling is not the sweep's

@@ -84,10 +84,10 @@ def run_context(name: str, cfgs: list[TrainConfig], raw: dict[str, Any], out: Pa
         from ray.tune import ExperimentAnalysis
 
         from sct_sweeps.config import parse_spec
-        from sct_sweeps.runner import run_sweep
+        from sct_sweeps.runner import Launch, run_sweep
 
         raw = {**raw, "name": f"{raw['name']}-{time.monotonic_ns()}"}
-        outcome = run_sweep(parse_spec(raw, "bench"), None, None, 2, progress=False)
+        outcome = run_sweep(parse_spec(raw, "bench"), launch=Launch(num_cpus=2, progress=False))
         results = [t.last_result for t in ExperimentAnalysis(outcome.record.results_dir).trials]
         return [{"seconds": float(r["wall_s"] + r["eval_s"]), "preempted": math.nan} for r in results]
     import ray
