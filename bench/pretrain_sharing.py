@@ -46,10 +46,11 @@ def spec_dict(name: str, trials: int, pretrain_iters: int, iterations: int, chan
 
 def pretrain_tags(uri: str, experiment_id: str) -> list[str]:
     """The `sct.pretrain_checkpoint` tag of every trial run of the experiment."""
-    from sct_sweeps import tracking
+    from sct_sweeps import schema, tracking
 
-    runs = tracking.client(uri).search_runs([experiment_id], filter_string=f"tags.`{tracking.ROLE}` != 'parent'")
-    return [r.data.tags.get("sct.pretrain_checkpoint", "") for r in runs if tracking.PARENT in r.data.tags]
+    not_parent = f"tags.`{schema.ROLE}` != '{schema.ROLE_PARENT}'"
+    runs = tracking.client(uri).search_runs([experiment_id], filter_string=not_parent)
+    return [r.data.tags.get(schema.PRETRAIN_CHECKPOINT, "") for r in runs if schema.PARENT in r.data.tags]
 
 
 def sweep(raw: dict[str, Any], cpus: int) -> dict[str, Any]:

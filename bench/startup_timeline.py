@@ -54,7 +54,7 @@ def child(iterations: int) -> dict[str, Any]:
 
 
 def _timeline(iterations: int) -> dict[str, Any]:
-    from sct_sweeps import tracking
+    from sct_sweeps import schema, tracking
     from sct_sweeps.config import parse_spec
     from sct_sweeps.runner import Launch, run_sweep
 
@@ -68,7 +68,7 @@ def _timeline(iterations: int) -> dict[str, Any]:
     monitor.stop()
     rec = outcome.record
     client = tracking.client(rec.tracking_uri)
-    runs = client.search_runs([rec.experiment_id], filter_string=f"tags.`{tracking.PARENT}` = '{rec.parent_run_id}'")
+    runs = client.search_runs([rec.experiment_id], filter_string=f"tags.`{schema.PARENT}` = '{rec.parent_run_id}'")
     setup, first = [], []
     for run in runs:
         setup.append(min(m.timestamp for m in client.get_metric_history(run.info.run_id, "params")) / 1e3 - t0)

@@ -151,7 +151,7 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
     """Run the sweep with the real runner; wall time, its parts and per-trial times from Ray's results."""
     from ray.tune import ExperimentAnalysis
 
-    from sct_sweeps import tracking
+    from sct_sweeps import schema, tracking
     from sct_sweeps.config import parse_spec
     from sct_sweeps.runner import Launch, run_sweep
 
@@ -165,7 +165,7 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
     cpu["driver"] = driver_cpu - monitor.own_cpu  # this script's sampling is not the sweep's
     rec = outcome.record
     runs = tracking.client(rec.tracking_uri).search_runs(
-        [rec.experiment_id], filter_string=f"tags.`{tracking.PARENT}` = '{rec.parent_run_id}'")
+        [rec.experiment_id], filter_string=f"tags.`{schema.PARENT}` = '{rec.parent_run_id}'")
     first_run = min(r.info.start_time for r in runs) / 1e3 - started  # a trial's MLflow run exists: it trains
     last_end = ended - max(r.info.end_time for r in runs) / 1e3
     trials = []

@@ -1,9 +1,7 @@
 """Read one sweep's stored results from MLflow: the single loader behind the report and the export.
 
-Schema written by the sweep runner (docs/architecture.md): one experiment per sweep; a parent run
-tagged `sct.sweep=<name>`, `sct.role=parent` with artifact `spec.yaml`; one child run per trial
-tagged `mlflow.parentRunId`, `sct.role=trial`, `sct.trial_id`, `sct.axis.<path>=<value>`, params =
-flattened TrainConfig, metrics logged with step = iteration, sample grids under `samples/`.
+The layout it reads is the one the sweep runner writes, named in `sct_sweeps.schema`
+(docs/architecture.md): a parent run per sweep, one child run per trial with its axis values as tags.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,16 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from trainer.errors import TrainerError
+from dashboards.errors import DashboardError
+from sct_sweeps import schema
 
 log = logging.getLogger(__name__)
 
-AXIS_TAG = "sct.axis."
 BASE_COLUMNS = ("trial_id", "run_id", "step")
-_GRID_RE = re.compile(r"grid_(\d+)step(?:_it(\d+))?\.png$")
 
 
-class ResultsError(TrainerError, LookupError):
+class ResultsError(DashboardError, LookupError):
     """The sweep, its parent run or its trials are not in the tracking store."""
 
 
@@ -69,7 +65,7 @@ class SweepResults:
     @property
     def fid_steps(self) -> list[int]:
         """Sampler step counts k with an EMA `fid_{k}step` metric, ascending."""
-        ks = {int(m.group(1)) for n in self.metric_names if (m := re.fullmatch(r"fid_(\d+)step", n))}
+        ks = {int(m.group(1)) for n in self.metric_names if (m := schema.FID_RE.fullmatch(n))}
         return sorted(ks)
 
     def trial(self, trial_id: str) -> Trial:
@@ -139,11 +135,9 @@ def find_parent_run(client, sweep: str):
     exp = client.get_experiment_by_name(sweep)
     if exp is None:
         raise ResultsError(f"sweep {sweep}: no MLflow experiment of that name in the tracking store")
-    parents = _search_all(
-        client, exp.experiment_id, f"tags.`sct.sweep` = '{sweep}' and tags.`sct.role` = 'parent'"
-    )
+    parents = _search_all(client, exp.experiment_id, schema.parent_runs_filter(sweep))
     if not parents:
-        raise ResultsError(f"sweep {sweep}: experiment has no parent run tagged sct.role=parent")
+        raise ResultsError(f"sweep {sweep}: experiment has no parent run tagged {schema.ROLE}={schema.ROLE_PARENT}")
     parents.sort(key=lambda r: r.info.start_time or 0)
     if len(parents) > 1:
         log.warning("sweep %s has %d parent runs; using the latest %s", sweep, len(parents),
@@ -181,26 +175,26 @@ def load_sweep(tracking_uri: str, sweep: str) -> SweepResults:
     client = _client(tracking_uri)
     exp, parent = find_parent_run(client, sweep)
     parent_id = parent.info.run_id
-    runs = _search_all(
-        client, exp.experiment_id, f"tags.mlflow.parentRunId = '{parent_id}' and tags.`sct.role` = 'trial'"
-    )
+    runs = _search_all(client, exp.experiment_id, schema.trial_runs_filter(parent_id))
     if not runs:
-        raise ResultsError(f"sweep {sweep}: parent run {parent_id} has no trial runs (sct.role=trial)")
+        raise ResultsError(
+            f"sweep {sweep}: parent run {parent_id} has no trial runs ({schema.ROLE}={schema.ROLE_TRIAL})")
     with tempfile.TemporaryDirectory() as tmp:
-        spec = _read_text_artifact(client, parent_id, "spec.yaml", Path(tmp))
+        spec = _read_text_artifact(client, parent_id, schema.SPEC_ARTIFACT, Path(tmp))
 
     trials, frames = [], []
-    for r in sorted(runs, key=lambda r: (r.data.tags.get("sct.trial_id", ""), r.info.start_time or 0)):
+    for r in sorted(runs, key=lambda r: (r.data.tags.get(schema.TRIAL_ID, ""), r.info.start_time or 0)):
         tags = r.data.tags
-        tid = tags.get("sct.trial_id") or r.info.run_name or r.info.run_id
-        axes = {k[len(AXIS_TAG):]: parse_value(v) for k, v in sorted(tags.items()) if k.startswith(AXIS_TAG)}
+        tid = tags.get(schema.TRIAL_ID) or r.info.run_name or r.info.run_id
+        axes = {k.removeprefix(schema.AXIS_PREFIX): parse_value(v) for k, v in sorted(tags.items())
+                if k.startswith(schema.AXIS_PREFIX)}
         trials.append(Trial(tid, r.info.run_id, r.info.status, dict(r.data.params), axes, dict(r.data.metrics)))
         h = _metric_history(client, r.info.run_id, sorted(r.data.metrics))
         h.insert(0, "run_id", r.info.run_id)
         h.insert(0, "trial_id", tid)
         frames.append(h)
     if len({t.trial_id for t in trials}) != len(trials):
-        raise ResultsError(f"sweep {sweep}: duplicate sct.trial_id tags among its trial runs")
+        raise ResultsError(f"sweep {sweep}: duplicate {schema.TRIAL_ID} tags among its trial runs")
 
     metric_names = sorted({k for t in trials for k in t.final})
     history = pd.concat(frames, ignore_index=True)
@@ -230,11 +224,11 @@ def fetch_sample_grids(results: SweepResults, trial_id: str, dst: Path) -> dict[
     run_id = results.trial(trial_id).run_id
     latest: dict[int, tuple[int, str]] = {}
     try:
-        entries = client.list_artifacts(run_id, "samples")
+        entries = client.list_artifacts(run_id, schema.SAMPLES_DIR)
     except Exception:  # no artifact root or no samples/ folder
         return {}
     for e in entries:
-        m = _GRID_RE.search(e.path)
+        m = schema.GRID_RE.search(e.path)
         if e.is_dir or not m:
             continue
         k, it = int(m.group(1)), int(m.group(2) or -1)

@@ -21,6 +21,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from dashboards.loader import SweepResults, Trial, parse_value
 from dashboards.scaling import X_LABELS, ScalingResult
+from sct_sweeps import schema
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def seed_curves(res: SweepResults) -> pd.DataFrame:
     labels = {t.trial_id: group_label(t, axes) for t in res.trials}
     rows = []
     for k in res.fid_steps:
-        col = f"fid_{k}step"
+        col = schema.fid_metric(k)
         if col not in res.history:
             continue
         pts = res.history[["trial_id", "step", col]].dropna()
@@ -136,7 +137,7 @@ def plot_fid_curves(res: SweepResults, path: Path) -> Path:
     all_fid = []
     for tid, g in res.history.groupby("trial_id", sort=True):
         for k in res.fid_steps:
-            col = f"fid_{k}step"
+            col = schema.fid_metric(k)
             pts = g[["step", col]].dropna().sort_values("step") if col in g else pd.DataFrame()
             if pts.empty:
                 continue
@@ -257,7 +258,7 @@ def plot_ablation(res: SweepResults, axis: str, path: Path) -> Path:
         ax = fig.add_subplot(1, len(steps), i + 1)
         series: dict[str, dict[object, list[float]]] = {}
         for t, v in zip(res.trials, values, strict=True):
-            fid = t.final.get(f"fid_{k}step")
+            fid = t.final.get(schema.fid_metric(k))
             if fid is not None and np.isfinite(fid):
                 series.setdefault(group_label(t, others) if others else "all trials", {}).setdefault(v, []).append(fid)
         n_series = max(len(series), 1)

@@ -18,6 +18,7 @@ from pathlib import Path
 from dashboards import plots
 from dashboards.loader import SweepResults, fetch_sample_grids, load_sweep
 from dashboards.scaling import X_LABELS, ScalingResult, fit_sweep
+from sct_sweeps import schema
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def default_out_dir(sweep: str) -> Path:
 def best_trial(res: SweepResults) -> str | None:
     """The trial with the lowest final FID of the fewest-step sampler."""
     for k in res.fid_steps:
-        scored = [(t.final[f"fid_{k}step"], t.trial_id) for t in res.trials
-                  if math.isfinite(t.final.get(f"fid_{k}step", math.nan))]
+        scored = [(t.final[schema.fid_metric(k)], t.trial_id) for t in res.trials
+                  if math.isfinite(t.final.get(schema.fid_metric(k), math.nan))]
         if scored:
             return min(scored)[1]
     return None
@@ -55,7 +56,7 @@ def fit_metrics(fits: list[ScalingResult]) -> tuple[dict[str, float], dict[str, 
     metrics, tags = {}, {}
     for r in fits:
         prefix = f"scaling_{r.steps}step" + ("" if r.x == "flops" else f"_{r.x}")
-        tags[f"sct.{prefix}"] = "ok" if r.fit else f"no fit: {r.error}"[:5000]
+        tags[schema.SCALING_PREFIX + prefix] = "ok" if r.fit else f"no fit: {r.error}"[:5000]
         if r.fit is None:
             continue
         f = r.fit
@@ -105,8 +106,8 @@ def _cell(v: object) -> str:
 def trials_table(res: SweepResults) -> str:
     """The sortable trials table (click a header; `?sort=<column>` pre-sorts)."""
     axes = res.axis_names
-    fids = [f"fid_{k}step" for k in res.fid_steps] + [
-        f"fid_{k}step_online" for k in res.fid_steps if f"fid_{k}step_online" in res.metric_names]
+    online = [schema.fid_metric(k, online=True) for k in res.fid_steps]
+    fids = [schema.fid_metric(k) for k in res.fid_steps] + [m for m in online if m in res.metric_names]
     costs = [c for c in COST_COLUMNS if c in res.metric_names]
     cols = ["trial", "status", *axes, *fids, *costs, "run_id"]
     head = "".join(f'<th data-key="{html.escape(c)}">{html.escape(c)}</th>' for c in cols)
@@ -218,7 +219,7 @@ def publish_report(tracking_uri: str, sweep: str, out_dir: Path | None = None, n
     client.log_artifact(run_id, str(rep.path), ARTIFACT_DIR)
     metrics, tags = fit_metrics(rep.fits)
     ts = int(dt.datetime.now().timestamp() * 1000)
-    tags["sct.report"] = f"{ARTIFACT_DIR}/index.html"
+    tags[schema.REPORT] = f"{ARTIFACT_DIR}/index.html"
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     log.info("published report of sweep %s to parent run %s (%d figures, %d fit metrics)", sweep, run_id,

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
-from trainer.errors import TrainerError
+from dashboards.errors import DashboardError
+from sct_sweeps import schema
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ X_LABELS = {"flops": "training compute C (FLOPs)", "images_seen": "training imag
             "params": "parameter count"}
 
 
-class ScalingError(TrainerError, ValueError):
+class ScalingError(DashboardError, ValueError):
     """The points cannot support a power-law fit (too few, degenerate, or the fit failed)."""
 
 
@@ -265,7 +266,7 @@ def fit_sweep(history: pd.DataFrame, fid_steps: Sequence[int], n_boot: int = 200
     results = []
     for x in varied_quantities(history):
         for k in fid_steps:
-            pts = points_by_trial(history, x, f"fid_{k}step")
+            pts = points_by_trial(history, x, schema.fid_metric(k))
             if x == "params":  # a trial's best FID at its size: one point per trial
                 pts = {t: (c[-1:], np.asarray([f.min()])) for t, (c, f) in pts.items()}
             if not pts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from dashboards.errors import DashboardError
 from trainer.config import format_validation_error
 from trainer.errors import TrainerError
 
@@ -40,7 +41,7 @@ class TrackingError(SweepError):
 
 def user_message(err: BaseException) -> str | None:
     """One line for an error the user can fix, or None for a bug (which should show a traceback)."""
-    if isinstance(err, (SweepError, TrainerError)):
+    if isinstance(err, (SweepError, TrainerError, DashboardError)):
         return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, ValidationError):
         return format_validation_error(err)

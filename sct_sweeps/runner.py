@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sct_sweeps import tracking
+from sct_sweeps import schema, tracking
 from sct_sweeps.config import SweepSpec, spec_yaml
 from sct_sweeps.errors import TrackingError
 from sct_sweeps.record import NameClaim, SweepRecord, load_record
@@ -92,10 +92,10 @@ def reconcile_runs(record: SweepRecord) -> dict[str, str]:
 
     client = tracking.client(record.tracking_uri)
     ray_status = {t.trial_id: t.status for t in ExperimentAnalysis(record.results_dir).trials}
-    filt = f"tags.`{tracking.PARENT}` = '{record.parent_run_id}' and attributes.status = 'RUNNING'"
+    filt = f"tags.`{schema.PARENT}` = '{record.parent_run_id}' and attributes.status = 'RUNNING'"
     fixed = {}
     for run in client.search_runs([record.experiment_id], filter_string=filt, max_results=10000):
-        status = ray_status.get(run.data.tags.get(tracking.TRIAL_ID, ""), "")
+        status = ray_status.get(run.data.tags.get(schema.TRIAL_ID, ""), "")
         mlflow_status = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED")
         client.set_terminated(run.info.run_id, status=mlflow_status)
         fixed[run.info.run_id] = mlflow_status
@@ -114,13 +114,13 @@ def retire_orphans(record: SweepRecord) -> list[str]:
 
     known = {t.trial_id for t in ExperimentAnalysis(record.results_dir).trials}
     client = tracking.client(record.tracking_uri)
-    filt = f"tags.`{tracking.PARENT}` = '{record.parent_run_id}' and tags.`{tracking.ROLE}` = 'trial'"
+    filt = schema.trial_runs_filter(record.parent_run_id)
     retired = []
     for run in client.search_runs([record.experiment_id], filter_string=filt, max_results=10000):
-        if run.data.tags.get(tracking.TRIAL_ID) in known:
+        if run.data.tags.get(schema.TRIAL_ID) in known:
             continue
         why = "its trial was started after Ray's last state snapshot of a driver that died; rerun as a new trial"
-        client.set_tag(run.info.run_id, "sct.orphaned", why)
+        client.set_tag(run.info.run_id, schema.ORPHANED, why)
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status="KILLED")
         client.delete_run(run.info.run_id)
@@ -182,7 +182,7 @@ def _fit(tuner: Any, record: SweepRecord, client: Any, t0: float, pretrain_s: fl
         results = tuner.fit()
         errors = len(results.errors)
         status = "FINISHED"
-        client.set_tag(record.parent_run_id, "sct.failed_trials", str(errors))
+        client.set_tag(record.parent_run_id, schema.FAILED_TRIALS, str(errors))
         trial_s = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
         return SweepOutcome(
             record=record,

@@ -24,13 +24,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sct_sweeps import schema
 from sct_sweeps.errors import TrackingError
 from sct_sweeps.locks import file_lock
 from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-ROLE, SWEEP, TRIAL_ID, PARENT = "sct.role", "sct.sweep", "sct.trial_id", "mlflow.parentRunId"
 _BATCH = 500  # metric entries per log_batch (MLflow allows 1000)
 _MAX_BACKOFF_S = 60.0
 
@@ -122,7 +122,12 @@ def start_parent_run(
     """Open the sweep's parent run with its tags, settings as params and `spec.yaml` as artifact."""
     from mlflow.entities import Param
 
-    tags = {ROLE: "parent", SWEEP: sweep, "mlflow.source.type": "PROJECT", "mlflow.source.name": "sct-sweep"}
+    tags = {
+        schema.ROLE: schema.ROLE_PARENT,
+        schema.SWEEP: sweep,
+        "mlflow.source.type": "PROJECT",
+        "mlflow.source.name": "sct-sweep",
+    }
     commit = git_commit(repo)
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -131,7 +136,7 @@ def start_parent_run(
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         mlflow_client.log_batch(run_id, params=items[i : i + 100])
-    mlflow_client.log_text(run_id, spec_text, "spec.yaml")
+    mlflow_client.log_text(run_id, spec_text, schema.SPEC_ARTIFACT)
     return run_id
 
 
@@ -168,7 +173,13 @@ class TrialTracker:
     ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.sweep, self.trial_id, self.run_name = sweep, trial_id, run_name
-        self.tags = {**tags, ROLE: "trial", SWEEP: sweep, TRIAL_ID: trial_id, PARENT: parent_run_id}
+        self.tags = {
+            **tags,
+            schema.ROLE: schema.ROLE_TRIAL,
+            schema.SWEEP: sweep,
+            schema.TRIAL_ID: trial_id,
+            schema.PARENT: parent_run_id,
+        }
         self.params = dict(params)
         self.lost_dir = lost_dir
         self.run_id = run_id
@@ -190,7 +201,7 @@ class TrialTracker:
     # -- connection ----------------------------------------------------------------------------
 
     def _find_run(self) -> str | None:
-        filt = f"tags.`{TRIAL_ID}` = '{self.trial_id}' and tags.`{PARENT}` = '{self.parent_run_id}'"
+        filt = f"tags.`{schema.TRIAL_ID}` = '{self.trial_id}' and tags.`{schema.PARENT}` = '{self.parent_run_id}'"
         runs = self._client.search_runs([self.experiment_id], filter_string=filt, max_results=5)
         return runs[0].info.run_id if runs else None
 
@@ -231,10 +242,10 @@ class TrialTracker:
                 steps = [m.step for m in self._client.get_metric_history(run_id, key)]
                 if steps:
                     self._last_step[key] = max(self._last_step.get(key, -1), *steps)
-            attempts = int(run.data.tags.get("sct.attempts", "1")) + 1
+            attempts = int(run.data.tags.get(schema.ATTEMPTS, "1")) + 1
             self._client.update_run(run_id, status="RUNNING")
             log.info("trial %s reattached to MLflow run %s (attempt %d)", self.trial_id, run_id, attempts)
-        self._client.log_batch(run.info.run_id, tags=[RunTag("sct.attempts", str(attempts))])
+        self._client.log_batch(run.info.run_id, tags=[RunTag(schema.ATTEMPTS, str(attempts))])
         self.run_id = run.info.run_id
         self._connected = True
 
@@ -361,11 +372,11 @@ class TrialTracker:
     ) -> int:
         """Deliver what waits (retrying up to `finish_wait_s`), then end the run; returns entries lost.
 
-        `error` (one line) becomes tag ``sct.error``; `details` (a traceback) artifact ``error.txt``.
+        `error` (one line) becomes tag ``sct.error``; `details` (a traceback) artifact ``error.txt`` (schema.py).
         """
         if error is not None:
-            self._late_tags["sct.error"] = error[:8000]
-            err_file = self._staging / "error.txt"
+            self._late_tags[schema.ERROR] = error[:8000]
+            err_file = self._staging / schema.ERROR_ARTIFACT
             err_file.write_text(details or error)
             self._artifacts.append((err_file, None))
         deadline = time.monotonic() + finish_wait_s

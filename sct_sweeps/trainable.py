@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sct_sweeps import tracking
+from sct_sweeps import schema, tracking
 from sct_sweeps.config import SweepSpec, override
 from sct_sweeps.pretrain import cache_path, needs_pretrain, with_pretrain
 from sct_sweeps.space import run_name, swept_values, trial_config
@@ -79,7 +79,7 @@ class TuneReporter:
 
     def log_artifact(self, path: Path) -> None:
         """Sample grids and other files: to the trial's MLflow run."""
-        self.tracker.log_artifact(Path(path), "samples" if Path(path).suffix == ".png" else None)
+        self.tracker.log_artifact(Path(path), schema.SAMPLES_DIR if Path(path).suffix == ".png" else None)
 
 
 def _older_checkpoints(ckpt: Any) -> list[Any]:
@@ -159,8 +159,8 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     resume_from, meta, skipped = _restore_dir(workdir)
     cache = Path(ctx.pretrain_cache)
     planned = override(cfg, {"pretrain.checkpoint": cache_path(cfg, cache)}) if needs_pretrain(cfg) else cfg
-    tags = {f"sct.axis.{p}": str(v) for p, v in swept.items()}
-    tags["sct.node_id"] = node_id
+    tags = {schema.axis_tag(p): str(v) for p, v in swept.items()}
+    tags[schema.NODE_ID] = node_id
     tracker = tracking.TrialTracker(
         uri=ctx.tracking_uri,
         experiment_id=ctx.experiment_id,
@@ -183,19 +183,19 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(final)) if final else None)
         return
     tracker.start()
-    tracker.set_tag("sct.node_id", node_id)  # the node of the latest attempt
+    tracker.set_tag(schema.NODE_ID, node_id)  # the node of the latest attempt
     try:
         cfg = with_pretrain(cfg, cache)
         if cfg.pretrain.checkpoint is not None:
-            tracker.set_tag("sct.pretrain_checkpoint", str(cfg.pretrain.checkpoint))
+            tracker.set_tag(schema.PRETRAIN_CHECKPOINT, str(cfg.pretrain.checkpoint))
         if resume_from is not None:
             log.info("trial %s resumes from %s", trial_id, resume_from)
-            tracker.set_tag("sct.resumed_from", str(meta.get("step", "?")))
+            tracker.set_tag(schema.RESUMED_FROM, str(meta.get("step", "?")))
             if skipped:
-                tracker.set_tag("sct.skipped_checkpoints", skipped)
+                tracker.set_tag(schema.SKIPPED_CHECKPOINTS, skipped)
         train(cfg, reporter=TuneReporter(tracker, node_id), resume_from=resume_from)
     except SystemExit:  # Ray stopped the trial (scheduler decision or sweep end) inside tune.report
-        tracker.set_tag("sct.stopped", "by scheduler")
+        tracker.set_tag(schema.STOPPED, "by scheduler")
         tracker.finish("FINISHED", finish_wait_s=30.0)
         raise
     except KeyboardInterrupt:

@@ -147,3 +147,16 @@ def test_fit_sweep_skips_diverged_evaluations() -> None:
     assert r.ci is not None or "resamples could be fitted" in r.ci_error  # 4 trials: most resamples too few
     off = fit_sweep(h, [1], n_boot=0)[0]
     assert off.fit is not None and off.ci is None and "n_boot = 0" in off.ci_error
+
+
+def test_dashboard_errors_are_their_own_and_one_line_in_the_cli() -> None:
+    from dashboards.errors import DashboardError
+    from dashboards.loader import ResultsError
+    from sct_sweeps.errors import user_message
+    from trainer.errors import TrainerError
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(DashboardError) as info:
+        bootstrap_exponent(noisy_trials(rng, n_trials=1), n_boot=20)
+    assert not isinstance(info.value, TrainerError) and issubclass(ResultsError, DashboardError)
+    assert user_message(info.value) == str(info.value).splitlines()[0]
