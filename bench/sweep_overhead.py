@@ -181,7 +181,8 @@ def run_sweep_timed(spec_raw: dict[str, Any], cpus: int) -> dict[str, Any]:
 def measure(trials: int, iterations: int, channels: int, cpus: int, baseline: bool = True,
             name: str = "bench_overhead", threaded: bool = False, parallel: bool = True) -> dict[str, Any]:
     """One sweep of `trials` trials, the inline baseline around it (if asked), Ray start-up; all times."""
-    from sct_sweeps.config import override, parse_spec
+    from sct_sweeps.config import parse_spec
+    from trainer.config import override
 
     project = Path(os.environ["SCT_PROJECT_DIR"])
     raw = spec_dict(name, trials, iterations, channels)

@@ -133,7 +133,8 @@ def main() -> None:
     project = private_project()
     print_conditions(conditions(1))
     raw = spec_dict("bench_context", args.trials, args.iterations, args.channels)
-    from sct_sweeps.config import override, parse_spec
+    from sct_sweeps.config import parse_spec
+    from trainer.config import override
 
     base = parse_spec(raw, "bench").base
     cfgs = [override(base, {"seed": s}) for s in range(args.trials)]

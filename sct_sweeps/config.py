@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sct_sweeps.errors import SpecError
-from trainer.config import MAX_ITERATIONS, TrainConfig, format_validation_error
+from trainer.config import MAX_ITERATIONS, TrainConfig, format_validation_error, leaf_field, override
 from trainer.errors import ConfigError
 from trainer.yaml_io import read_yaml
 
@@ -205,37 +205,6 @@ class SweepSpec(_Strict):
         return int(max(v for _, v in axis.probe_values()))
 
 
-def _leaf_field(path: str) -> str | None:
-    """None if `path` names a setting of TrainConfig, else why not."""
-    model: type[BaseModel] = TrainConfig
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        field = model.model_fields.get(part)
-        if field is None:
-            where = ".".join(parts[:i]) or "TrainConfig"
-            return f"unknown setting {part!r} in {where}"
-        ann = field.annotation
-        is_model = isinstance(ann, type) and issubclass(ann, BaseModel)
-        if i == len(parts) - 1:
-            return f"{path} is a section, not a setting; name one of its fields" if is_model else None
-        if not is_model:
-            return f"{'.'.join(parts[: i + 1])} is a setting, it has no field {parts[i + 1]!r}"
-        model = ann
-    return None
-
-
-def override(base: TrainConfig, flat: dict[str, Any]) -> TrainConfig:
-    """`base` with dotted-path settings replaced, validated as a whole (raises pydantic ValidationError)."""
-    raw = base.model_dump(mode="python")
-    for path, value in flat.items():
-        node = raw
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return TrainConfig.model_validate(raw)
-
-
 def _first_error(err: ValidationError, path: str) -> str:
     """The pydantic message for `path`, or the whole first error when another field broke."""
     e = err.errors()[0]
@@ -248,7 +217,7 @@ def _first_error(err: ValidationError, path: str) -> str:
 
 def _check_axis(spec: SweepSpec, path: str, axis: Axis) -> None:
     where = f"search.{path}"
-    why = _leaf_field(path)
+    why = leaf_field(path)
     if why is not None:
         raise ValueError(f"{where}: {why}")
     if spec.algorithm == "optuna":

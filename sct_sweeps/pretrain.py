@@ -5,14 +5,14 @@ preconditioning, pretrain settings, seed, precision — plus the trainer's sourc
 only the tuning phase reads. The driver builds every key the search space can produce before the
 Tuner starts (as Ray tasks, so on a cluster they spread over its nodes); a trial whose key could
 not be enumerated (a continuous axis on a pretraining field) builds it on first use, under a
-file lock so concurrent trials wait instead of training it twice.
+file lock so concurrent trials wait instead of training it twice. The key is the trainer's own
+(`trainer.fingerprint.pretrain_fingerprint`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import itertools
 import json
 import logging
@@ -20,57 +20,17 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sct_sweeps.config import SweepSpec, override
-from trainer.config import TrainConfig
+from sct_sweeps.config import SweepSpec
+from trainer.config import TrainConfig, override
 from trainer.errors import TrainerError
+from trainer.fingerprint import is_pretrain_field, needs_pretrain, pretrain_fingerprint, pretrain_settings
 
 log = logging.getLogger(__name__)
-
-SECTIONS = ("data", "network", "precond", "pretrain")  # TrainConfig sections phase one reads
-TOP_LEVEL = ("seed", "precision")
-_SOURCES = ("networks.py", "precond.py", "data.py", "loss.py", "train.py", "ema.py", "checkpoint.py")
-
-
-def is_pretrain_field(path: str) -> bool:
-    """Whether the dotted TrainConfig path changes the phase-one result."""
-    head = path.split(".")[0]
-    return (head in SECTIONS and path != "pretrain.checkpoint") or path in TOP_LEVEL
-
-
-def needs_pretrain(cfg: TrainConfig) -> bool:
-    """Phase one is needed: ECT / SCT (iCT trains from scratch), pretrain iterations > 0, no checkpoint."""
-    return cfg.method in ("ect", "sct") and cfg.pretrain.iterations > 0 and cfg.pretrain.checkpoint is None
-
-
-def _trainer_digest() -> str:
-    import trainer
-
-    h = hashlib.sha256()
-    root = Path(trainer.__file__).parent
-    for name in _SOURCES:
-        p = root / name
-        h.update(name.encode() + (p.read_bytes() if p.is_file() else b"-"))
-    return h.hexdigest()
-
-
-def pretrain_settings(cfg: TrainConfig) -> dict:
-    """The settings phase one depends on (the cache key's content)."""
-    dump = cfg.model_dump(mode="json")
-    out = {k: dump[k] for k in (*SECTIONS, *TOP_LEVEL)}
-    out["pretrain"] = {k: v for k, v in out["pretrain"].items() if k != "checkpoint"}
-    out["data"] = {k: v for k, v in out["data"].items() if k != "on_device"}
-    return out
-
-
-def pretrain_key(cfg: TrainConfig) -> str:
-    """Content address of phase one: sha256 of its settings and the trainer source (16 hex digits)."""
-    blob = json.dumps({"settings": pretrain_settings(cfg), "trainer": _trainer_digest()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cache_path(cfg: TrainConfig, cache_dir: Path) -> Path:
     """Where the phase-one checkpoint of `cfg` lives in the cache."""
-    return Path(cache_dir) / f"{pretrain_key(cfg)}.pt"
+    return Path(cache_dir) / f"{pretrain_fingerprint(cfg)}.pt"
 
 
 @contextlib.contextmanager
@@ -129,7 +89,7 @@ def enumerate_configs(spec: SweepSpec) -> tuple[list[TrainConfig], bool]:
     for combo in itertools.product(*listed.values()):
         cfg = override(spec.base, dict(zip(listed, combo, strict=True)))
         if needs_pretrain(cfg):
-            configs.setdefault(pretrain_key(cfg), cfg)
+            configs.setdefault(pretrain_fingerprint(cfg), cfg)
     return list(configs.values()), complete
 
 
@@ -146,14 +106,14 @@ def pretrain_all(
     import ray
 
     configs, _ = enumerate_configs(spec)
-    done = {pretrain_key(c): cache_path(c, cache_dir) for c in configs if cache_path(c, cache_dir).is_file()}
-    todo = [c for c in configs if pretrain_key(c) not in done]
+    done = {pretrain_fingerprint(c): cache_path(c, cache_dir) for c in configs if cache_path(c, cache_dir).is_file()}
+    todo = [c for c in configs if pretrain_fingerprint(c) not in done]
     if progress:
         progress(len(done), len(configs))
     if not todo:
         return done
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=1)(_pretrain_task)
-    pending = {task.remote(c.model_dump_json(), str(cache_dir)): pretrain_key(c) for c in todo}
+    pending = {task.remote(c.model_dump_json(), str(cache_dir)): pretrain_fingerprint(c) for c in todo}
     log.info("pretraining %d distinct phase-one configs (%d cached)", len(todo), len(done))
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)

@@ -13,9 +13,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from sct_sweeps.config import SweepSpec, absolute_paths, override
+from sct_sweeps.config import SweepSpec, absolute_paths
 from sct_sweeps.pretrain import enumerate_configs
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, override
 
 # Short labels for readable run names: sct-w32-it400-s0-ref64.
 _LABELS = {

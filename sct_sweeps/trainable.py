@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from sct_sweeps import schema, tracking
-from sct_sweeps.config import SweepSpec, override
-from sct_sweeps.pretrain import cache_path, needs_pretrain, with_pretrain
+from sct_sweeps.config import SweepSpec
+from sct_sweeps.pretrain import cache_path, with_pretrain
 from sct_sweeps.space import run_name, swept_values, trial_config
+from trainer.config import override
+from trainer.fingerprint import needs_pretrain
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,10 @@ from ray import tune
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from sct_sweeps.config import parse_spec
-from sct_sweeps.pretrain import enumerate_configs, is_pretrain_field, needs_pretrain, pretrain_key
+from sct_sweeps.pretrain import enumerate_configs
 from sct_sweeps.space import grid_points, param_space, plan, run_name, scheduler, search_alg, trial_config
 from trainer.config import TrainConfig
+from trainer.fingerprint import is_pretrain_field, needs_pretrain, pretrain_fingerprint
 
 SPEC = {
     "name": "space",
@@ -107,15 +108,15 @@ def test_searcher_and_scheduler() -> None:
 
 def test_pretrain_key_covers_phase_one_only(tmp_path: Path) -> None:
     base = TrainConfig(iterations=100, pretrain={"iterations": 50})
-    key = pretrain_key(base)
+    key = pretrain_fingerprint(base)
     tuning_only = [{"iterations": 999}, {"sct": {"ref_batch": 7}}, {"sampler": {"eta": 0.3}},
                    {"optim": {"lr": 3e-3}}, {"guidance": {"strength": 2.0}}, {"out_dir": str(tmp_path)},
                    {"pretrain": {"iterations": 50, "checkpoint": str(tmp_path / "x.pt")}}]  # fmt: skip
     for change in tuning_only:
-        assert pretrain_key(base.model_copy(update={}).model_validate({**base.model_dump(), **change})) == key
+        assert pretrain_fingerprint(base.model_copy(update={}).model_validate({**base.model_dump(), **change})) == key
     for change in [{"seed": 1}, {"network": {"model_channels": 48}}, {"pretrain": {"iterations": 60}},
                    {"data": {"resolution": 16}}, {"precision": "bf16"}]:  # fmt: skip
-        assert pretrain_key(TrainConfig.model_validate({**base.model_dump(), **change})) != key, change
+        assert pretrain_fingerprint(TrainConfig.model_validate({**base.model_dump(), **change})) != key, change
     assert is_pretrain_field("network.model_channels") and is_pretrain_field("seed")
     assert not is_pretrain_field("pretrain.checkpoint") and not is_pretrain_field("sct.ref_batch")
     assert needs_pretrain(base) and not needs_pretrain(base.model_copy(update={"method": "ict"}))

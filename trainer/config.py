@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -267,6 +267,44 @@ class TrainConfig(_Strict):
     def stage_iters(self) -> int:
         """Iterations per ECT stage: `schedule.double_every`, else iterations / 8 (docs/algorithms.md §3)."""
         return self.schedule.double_every or max(1, self.iterations // 8)
+
+
+# What phase one (EDM pretraining) reads, declared next to the settings: these TrainConfig sections
+# and top-level settings, less the leaves that do not change its result (the checkpoint that replaces
+# it; how the data is held). trainer/fingerprint.py keys the shared pretraining cache on exactly this.
+PHASE_ONE_READS = ("data", "network", "precond", "pretrain", "seed", "precision")
+PHASE_ONE_IGNORES = ("pretrain.checkpoint", "data.on_device")
+
+
+def leaf_field(path: str) -> str | None:
+    """None if the dotted `path` names a setting of TrainConfig, else why not."""
+    model: type[BaseModel] = TrainConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            where = ".".join(parts[:i]) or "TrainConfig"
+            return f"unknown setting {part!r} in {where}"
+        ann = field.annotation
+        is_model = isinstance(ann, type) and issubclass(ann, BaseModel)
+        if i == len(parts) - 1:
+            return f"{path} is a section, not a setting; name one of its fields" if is_model else None
+        if not is_model:
+            return f"{'.'.join(parts[: i + 1])} is a setting, it has no field {parts[i + 1]!r}"
+        model = ann
+    return None
+
+
+def override(base: TrainConfig, flat: dict[str, Any]) -> TrainConfig:
+    """`base` with dotted-path settings replaced, validated as a whole (raises pydantic ValidationError)."""
+    raw = base.model_dump(mode="python")
+    for path, value in flat.items():
+        node = raw
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return TrainConfig.model_validate(raw)
 
 
 # pydantic names the member of a union that refused a value in the error's location: `resources.gpu.float`
