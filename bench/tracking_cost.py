@@ -38,7 +38,8 @@ def run(flush_every_s: float, reports: int, interval: float) -> float:
         exp = tracking.ensure_experiment(client, "cost", root / "artifacts")
         parent = tracking.start_parent_run(client, exp, "cost", {}, "name: cost\n", root)
         params = {f"p{i}": str(i) for i in range(100)}  # a trial's run has ~100 settings as params
-        tracker = tracking.TrialTracker(uri, exp, parent, "cost", "t0", "run", {}, params, flush_every_s=flush_every_s)
+        tracker = tracking.TrialTracker(uri=uri, experiment_id=exp, parent_run_id=parent, sweep="cost", trial_id="t0",
+                                        run_name="run", tags={}, params=params, flush_every_s=flush_every_s)
         tracker.start()
         c0 = time.thread_time()
         for step in range(reports):

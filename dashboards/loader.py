@@ -28,7 +28,7 @@ class ResultsError(DashboardError, LookupError):
     """The sweep, its parent run or its trials are not in the tracking store."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Trial:
     """One trial (one MLflow child run): raw string params, typed axis values, last metric values."""
 
@@ -40,7 +40,7 @@ class Trial:
     final: dict[str, float]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SweepResults:
     """Everything stored about one sweep. `history` has one row per (trial, step)."""
 
@@ -180,7 +180,7 @@ def load_sweep(tracking_uri: str, sweep: str) -> SweepResults:
         raise ResultsError(
             f"sweep {sweep}: parent run {parent_id} has no trial runs ({schema.ROLE}={schema.ROLE_TRIAL})")
     with tempfile.TemporaryDirectory() as tmp:
-        spec = _read_text_artifact(client, parent_id, schema.SPEC_ARTIFACT, Path(tmp))
+        spec_text = _read_text_artifact(client, parent_id, schema.SPEC_ARTIFACT, Path(tmp))
 
     trials, frames = [], []
     for r in sorted(runs, key=lambda r: (r.data.tags.get(schema.TRIAL_ID, ""), r.info.start_time or 0)):
@@ -188,7 +188,8 @@ def load_sweep(tracking_uri: str, sweep: str) -> SweepResults:
         tid = tags.get(schema.TRIAL_ID) or r.info.run_name or r.info.run_id
         axes = {k.removeprefix(schema.AXIS_PREFIX): parse_value(v) for k, v in sorted(tags.items())
                 if k.startswith(schema.AXIS_PREFIX)}
-        trials.append(Trial(tid, r.info.run_id, r.info.status, dict(r.data.params), axes, dict(r.data.metrics)))
+        trials.append(Trial(trial_id=tid, run_id=r.info.run_id, status=r.info.status, params=dict(r.data.params),
+                            axes=axes, final=dict(r.data.metrics)))
         h = _metric_history(client, r.info.run_id, sorted(r.data.metrics))
         h.insert(0, "run_id", r.info.run_id)
         h.insert(0, "trial_id", tid)
@@ -214,8 +215,9 @@ def load_sweep(tracking_uri: str, sweep: str) -> SweepResults:
         history[col] = history["trial_id"].map(per_trial)
     history = history.sort_values(["trial_id", "step"], kind="stable").reset_index(drop=True)
     log.info("loaded sweep %s: %d trials, %d history rows", sweep, len(trials), len(history))
-    return SweepResults(sweep, tracking_uri, exp.experiment_id, parent_id, spec, trials, history,
-                        metric_names, param_names)
+    return SweepResults(sweep=sweep, tracking_uri=tracking_uri, experiment_id=exp.experiment_id,
+                        parent_run_id=parent_id, spec_yaml=spec_text, trials=trials, history=history,
+                        metric_names=metric_names, param_names=param_names)
 
 
 def fetch_sample_grids(results: SweepResults, trial_id: str, dst: Path) -> dict[int, Path]:

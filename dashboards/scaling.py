@@ -30,7 +30,7 @@ class ScalingError(DashboardError, ValueError):
     """The points cannot support a power-law fit (too few, degenerate, or the fit failed)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PowerLawFit:
     """FID(C) = a·C^(−b) + c and the pure line log FID = log a_ll − b_ll log C; R² in log space."""
 
@@ -50,7 +50,7 @@ class PowerLawFit:
         return self.loglog_a * np.asarray(C, float) ** (-self.loglog_b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExponentCI:
     """Bootstrap distribution of the fits; `low`/`high` bound the exponent b (95% percentile)."""
 
@@ -147,7 +147,8 @@ def fit_power_law(C: Sequence[float], fid: Sequence[float],
     if not (np.isfinite(a) and a > 0 and b > 0):
         raise ScalingError(f"the power-law fit is degenerate (a={a:.3g}, b={b:.3g})")
     r2 = _r2(y, y + best.fun)
-    return PowerLawFit(a, b, c, r2, float(np.exp(intercept - slope * log_c0)), ll_b, ll_r2, int(C.size))
+    return PowerLawFit(a=a, b=b, c=c, r2=r2, loglog_a=float(np.exp(intercept - slope * log_c0)), loglog_b=ll_b,
+                       loglog_r2=ll_r2, n_points=int(C.size))
 
 
 def pareto_frontier(C: Sequence[float], fid: Sequence[float]) -> np.ndarray:
@@ -195,7 +196,8 @@ def bootstrap_exponent(points_by_trial: Mapping[str, tuple[Sequence[float], Sequ
     q = 50 * (1 - level)
     lo, hi = np.percentile(arr[:, 1], [q, 100 - q])
     llo, lhi = np.percentile(arr[:, 3], [q, 100 - q])
-    return ExponentCI(float(lo), float(hi), float(llo), float(lhi), arr[:, :3], n_boot)
+    return ExponentCI(low=float(lo), high=float(hi), loglog_low=float(llo), loglog_high=float(lhi), params=arr[:, :3],
+                      n_boot=n_boot)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from trainer.errors import CheckpointError, ConfigError
 
 def sample_grid(
     checkpoint: Path,
+    *,
     steps: int,
     eta: float | None,
     strength: float,
@@ -45,5 +46,5 @@ def sample_grid(
             bad = build_model(cfg, data).to(next(model.parameters()).device)
             bad.load_state_dict(snaps[key])
             guidance = Guidance(strength, "auto", bad.eval().requires_grad_(False), data.num_classes)
-    images = generate(model, cfg, data, n, steps, seed, guidance, eta=eta)
+    images = generate(model, cfg, data, n, steps, seed=seed, guidance=guidance, eta=eta)
     return save_grid(images, Path(out))

@@ -159,6 +159,7 @@ class TrialTracker:
 
     def __init__(
         self,
+        *,
         uri: str,
         experiment_id: str,
         parent_run_id: str,

@@ -26,9 +26,9 @@ def device_from_env(environ: Mapping[str, str] = os.environ) -> torch.device:
 
     Raises pydantic's ValidationError (a ValueError) for a malformed name, DeviceError for an absent GPU.
     """
-    spec = environ.get(ENV, "").strip() or "cpu"
-    TrainConfig(device=spec)  # the config's own validation of the device string
-    return resolve_device(spec)
+    device_spec = environ.get(ENV, "").strip() or "cpu"
+    TrainConfig(device=device_spec)  # the config's own validation of the device string
+    return resolve_device(device_spec)
 
 
 @pytest.fixture(scope="session")

@@ -44,8 +44,9 @@ def _parent(uri: str, name: str) -> tuple[str, str]:
 
 def _tracker(uri: str, exp: str, parent: str, tmp_path: Path, trial: str = "t0") -> tracking.TrialTracker:
     return tracking.TrialTracker(
-        uri, exp, parent, "outage", trial, f"run-{trial}", {"sct.axis.seed": "0"}, {"seed": "0"}, tmp_path / "lost"
-    )
+        uri=uri, experiment_id=exp, parent_run_id=parent, sweep="outage", trial_id=trial, run_name=f"run-{trial}",
+        tags={"sct.axis.seed": "0"}, params={"seed": "0"}, lost_dir=tmp_path / "lost",
+    )  # fmt: skip
 
 
 @pytest.fixture

@@ -81,12 +81,12 @@ def digits_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # --- device resolution and validation -----------------------------------------------------------------------
 @NO_CUDA_HERE
-@pytest.mark.parametrize("spec", ["cuda", "cuda:3"])
-def test_cuda_without_gpu_is_one_line_device_error(spec: str) -> None:
+@pytest.mark.parametrize("device_spec", ["cuda", "cuda:3"])
+def test_cuda_without_gpu_is_one_line_device_error(device_spec: str) -> None:
     with pytest.raises(DeviceError) as e:
-        resolve_device(spec)
+        resolve_device(device_spec)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"device: {spec} ") and "no CUDA GPU" in msg
+    assert "\n" not in msg and msg.startswith(f"device: {device_spec} ") and "no CUDA GPU" in msg
 
 
 def test_missing_gpu_index_is_device_error() -> None:

@@ -157,7 +157,7 @@ def test_ict_pair_adjacent_levels_and_erf_distribution() -> None:
     sig = karras_sigmas(n_scales, 0.002, 80.0, 7.0).float()
     torch.manual_seed(0)
     n = 200_000
-    t, r, _ = ict_sample_pair(n, n_scales, p_mean, p_std, 0.002, 80.0, 7.0)
+    t, r, _ = ict_sample_pair(n, n_scales, p_mean=p_mean, p_std=p_std, sigma_min=0.002, sigma_max=80.0, rho=7.0)
     assert (t > r).all()
     i_r = torch.searchsorted(sig, r)
     i_t = torch.searchsorted(sig, t)
@@ -177,7 +177,8 @@ def test_karras_sigmas_are_built_on_the_device_asked_for(n: int) -> None:
     """Built where they are used (iCT draws from them every step): no host-to-device copy, which on
     CUDA is a host sync (found on an H200). The meta device shows where a tensor is made on any machine."""
     assert karras_sigmas(n, 0.002, 80.0, 7.0, device="meta").device.type == "meta"
-    t, r, _ = ict_sample_pair(4, n + 1, -1.1, 2.0, 0.002, 80.0, 7.0, device="meta")
+    t, r, _ = ict_sample_pair(4, n + 1, p_mean=-1.1, p_std=2.0, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                              device="meta")
     assert t.device.type == "meta" and r.device.type == "meta"
 
 

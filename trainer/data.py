@@ -153,10 +153,10 @@ def _require_dir(root: Path, hint: str) -> Path:
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits.csv.gz, read as `sklearn.datasets.load_digits` reads it, without
     importing scikit-learn (~1 s per process: every Ray worker pays it): 8x8 images 0..16, labels."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
+    found = importlib.util.find_spec("sklearn")
+    if found is None or not found.submodule_search_locations:
         raise DataError("digits: scikit-learn is not installed (it ships the data); run `make install`")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    path = Path(found.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
     if not path.is_file():
         raise DataError(f"{path}: scikit-learn's bundled digits data is missing; reinstall scikit-learn")
     data = np.loadtxt(path, delimiter=",")

@@ -33,11 +33,11 @@ def generate(
     data: ImageDataset,
     n: int,
     steps: int,
+    *,
     seed: int,
     guidance: Guidance | None = None,
     eta: float | None = None,
     mode: str | None = None,
-    *,
     world: World = World(),
 ) -> torch.Tensor:
     """n images in [-1, 1] (on the model's device) from a `steps`-step sampler, batched, deterministic.
@@ -50,8 +50,8 @@ def generate(
     def one_batch(b: int, gen: torch.Generator) -> torch.Tensor:
         labels = draw_labels(data, b, gen, cfg.data.conditional)
         with autocast(device, cfg.precision):
-            return sample(model, b, steps, cfg.sampler, cfg.precond, data.shape, labels, guidance, gen, eta, mode,
-                          boundary=cfg.eval_boundary)
+            return sample(model, b, steps, cfg.sampler, cfg.precond, data.shape, labels=labels, guidance=guidance,
+                          generator=gen, eta=eta, mode=mode, boundary=cfg.eval_boundary)
 
     bs = cfg.eval.batch_size
     if world.size == 1:
@@ -119,7 +119,8 @@ class Evaluator:
         for suffix, model, guide in models:
             for steps in cfg.sampler.steps:
                 seed = cfg.seed * 1000 + steps  # same noise at every evaluation point
-                images = generate(model, cfg, self.data, cfg.eval.fid_samples, steps, seed, guide, world=self.world)
+                images = generate(model, cfg, self.data, cfg.eval.fid_samples, steps, seed=seed, guidance=guide,
+                                  world=self.world)
                 metrics[f"fid_{steps}step{suffix}"] = self._fid(images)
                 if suffix == "" and cfg.eval.save_grid and self.world.is_main:
                     grids.append(save_grid(images[:64], out_dir / "samples" / f"grid_{steps}step_it{iteration}.png"))

@@ -108,6 +108,7 @@ def consistency_loss(
     refs: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     sigma_min: float = 0.002,
+    *,
     replay_dropout: bool | None = None,
     dt: torch.Tensor | None = None,
     eps: torch.Tensor | None = None,

@@ -10,23 +10,23 @@ from trainer.errors import DeviceError
 from trainer.heap import keep_freed_memory
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(device_spec: str) -> torch.device:
     """`auto` = CUDA when present, else CPU; `cuda`/`cuda:N` must exist (DeviceError otherwise).
 
     Inside a Ray trial, Ray's GPU assignment sets CUDA_VISIBLE_DEVICES, so `cuda` is that GPU.
     A CUDA device always comes back with its index (`cuda` -> `cuda:0`), as tensors report theirs,
     so `tensor.device == device` holds for a tensor already there.
     """
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
+    if device_spec == "auto":
+        device_spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"device: {spec} requested but no CUDA GPU is available here (use auto or cpu)")
-        dev = torch.device(spec)
+            raise DeviceError(f"device: {device_spec} requested but no CUDA GPU is available here (use auto or cpu)")
+        dev = torch.device(device_spec)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"device: {spec} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
+            raise DeviceError(f"device: {device_spec} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
         return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
-    return torch.device(spec)
+    return torch.device(device_spec)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -126,6 +126,7 @@ def sample(
     sampler: SamplerConfig,
     precond: PrecondConfig,
     shape: tuple[int, ...],
+    *,
     labels: torch.Tensor | None = None,
     guidance: Guidance | None = None,
     generator: torch.Generator | None = None,

@@ -79,7 +79,7 @@ def ict_num_scales(iteration: int, total_iters: int, cfg: IctConfig) -> int:
 
 
 def ict_sample_pair(
-    n: int, num_scales: int, p_mean: float, p_std: float, sigma_min: float, sigma_max: float, rho: float,
+    n: int, num_scales: int, *, p_mean: float, p_std: float, sigma_min: float, sigma_max: float, rho: float,
     device: torch.device | str = "cpu",
 ) -> NoisePair:
     """Draw (t, r) = (σ_{i+1}, σ_i) with p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − ...));
@@ -99,7 +99,8 @@ def sample_t_r(
     """The (t, r, Δt) of one consistency training step for `method` in {ect, sct, ict}."""
     if method == "ict":
         n_scales = ict_num_scales(iteration, total_iters, ict)
-        return ict_sample_pair(n, n_scales, sched.p_mean, sched.p_std, sigma_min, sigma_max, ict.rho, device)
+        return ict_sample_pair(n, n_scales, p_mean=sched.p_mean, p_std=sched.p_std, sigma_min=sigma_min,
+                               sigma_max=sigma_max, rho=ict.rho, device=device)
     t = sample_lognormal(n, sched.p_mean, sched.p_std, device)
     if sched.clamp_t:
         t = t.clamp(sigma_min, sigma_max)
