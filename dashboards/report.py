@@ -22,7 +22,6 @@ from sct_sweeps import schema
 
 log = logging.getLogger(__name__)
 
-REPORT_DIR = Path("reports")
 ARTIFACT_DIR = "report"
 COST_COLUMNS = ("images_seen", "flops", "params", "wall_s", "loss")
 
@@ -35,10 +34,6 @@ class Report:
     figures: list[tuple[str, Path]]
     fits: list[ScalingResult]
     results: SweepResults
-
-
-def default_out_dir(sweep: str) -> Path:
-    return REPORT_DIR / sweep
 
 
 def best_trial(res: SweepResults) -> str | None:
@@ -185,10 +180,9 @@ def render_html(res: SweepResults, fits: list[ScalingResult], figures: list[tupl
             "</body></html>\n")
 
 
-def make_report(tracking_uri: str, sweep: str, out_dir: Path | None = None, n_boot: int = 200,
-                seed: int = 0) -> Report:
+def make_report(tracking_uri: str, sweep: str, out_dir: Path, *, n_boot: int = 200, seed: int = 0) -> Report:
     """Load the sweep, fit, draw and write `out_dir/index.html`; returns everything produced."""
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(sweep)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = load_sweep(tracking_uri, sweep)
     fits = fit_sweep(res.history, res.fid_steps, n_boot=n_boot, seed=seed)
@@ -199,19 +193,17 @@ def make_report(tracking_uri: str, sweep: str, out_dir: Path | None = None, n_bo
     return Report(path, figures, fits, res)
 
 
-def build_report(tracking_uri: str, sweep: str, out_dir: Path | None = None, n_boot: int = 200,
-                 seed: int = 0) -> Path:
-    """Write the self-contained report (default `reports/<sweep>/index.html`); returns its path."""
-    return make_report(tracking_uri, sweep, out_dir, n_boot, seed).path
+def build_report(tracking_uri: str, sweep: str, out_dir: Path, *, n_boot: int = 200, seed: int = 0) -> Path:
+    """Write the self-contained report `out_dir/index.html` (the CLI's default: sct_sweeps.stores); returns its path."""
+    return make_report(tracking_uri, sweep, out_dir, n_boot=n_boot, seed=seed).path
 
 
-def publish_report(tracking_uri: str, sweep: str, out_dir: Path | None = None, n_boot: int = 200,
-                   seed: int = 0) -> Path:
+def publish_report(tracking_uri: str, sweep: str, out_dir: Path, *, n_boot: int = 200, seed: int = 0) -> Path:
     """Build the report and log it, its PNGs and the fit parameters to the sweep's parent run."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-    rep = make_report(tracking_uri, sweep, out_dir, n_boot, seed)
+    rep = make_report(tracking_uri, sweep, out_dir, n_boot=n_boot, seed=seed)
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = rep.results.parent_run_id
     for _, png in rep.figures:

@@ -348,7 +348,7 @@ def resume_sweep(
 ) -> SweepOutcome:
     """Continue sweep `name`: finished trials stay, unfinished and errored ones go on from their checkpoints."""
     t0 = time.perf_counter()
-    record = load_record(name, resolve_stores(storage=storage).results)
+    record = load_record(name, resolve_stores(storage=storage).results)  # first: a missing sweep says where it looked
     stores = resolve_stores(name=name, storage=storage, tracking_uri=uri)
     record.tracking_uri = stores.tracking_uri
     spec = record.spec

@@ -76,11 +76,12 @@ def _record_of(name: str, results: Path) -> SweepRecord | None:
     return load_record(name, results) if (results / check_name(name) / RECORD).is_file() else None
 
 
-def _tracking_uri(project: Path, given: str | None, name: str | None) -> str:
-    """`given` (flag, spec or record), else the project's SQLite store; for a named sweep that store must exist."""
+def _tracking_uri(project: Path, given: str | None, unknown_sweep: str | None) -> str:
+    """`given` (flag, spec or record), else the project's SQLite store, which must exist to look up `unknown_sweep`
+    (a sweep named without spec or record)."""
     db = project / DEFAULT_DB
-    if given is None and name is not None and not db.is_file():
-        raise SweepNotFoundError(f"{name}: no sweep results and no MLflow store at {db}; pass --tracking-uri")
+    if given is None and unknown_sweep is not None and not db.is_file():
+        raise SweepNotFoundError(f"{unknown_sweep}: no sweep results and no MLflow store at {db}; pass --tracking-uri")
     return normalize_uri(given or f"sqlite:///{db}")
 
 
