@@ -201,7 +201,7 @@ def test_dt_matches_float64_at_every_stage(mapping: str, q: float) -> None:
 
 def test_ict_dt_is_the_grid_step_in_float64() -> None:
     torch.manual_seed(0)
-    t, r, dt = ict_sample_pair(4096, 1281, -1.1, 2.0, 0.002, 80.0, 7.0)
+    t, r, dt = ict_sample_pair(4096, 1281, p_mean=-1.1, p_std=2.0, sigma_min=0.002, sigma_max=80.0, rho=7.0)
     sig = karras_sigmas(1281, 0.002, 80.0, 7.0)
     i = (sig[None, :] - r.double()[:, None]).abs().argmin(1)  # index of r on the grid
     torch.testing.assert_close(dt.double(), sig[i + 1] - sig[i], rtol=1e-5, atol=0)

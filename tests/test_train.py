@@ -204,11 +204,12 @@ def test_classic_checkpoint_records_label_dropout_and_samples(tmp_path):
     res = train(cfg, Collect())
     state = load_checkpoint(res.checkpoint_dir / "state.pt")
     assert state["label_dropout"] == pytest.approx(0.1)
-    assert sample_grid(res.checkpoint_dir, 1, None, 1.5, 16, 0, "cpu", tmp_path / "g.png").is_file()
+    grid = dict(steps=1, eta=None, strength=1.5, n=16, seed=0, device="cpu")
+    assert sample_grid(res.checkpoint_dir, **grid, out=tmp_path / "g.png").is_file()
     state["label_dropout"] = 0.0  # as an auto-guidance run leaves it
     save_checkpoint(tmp_path / "old" / "state.pt", state)
     with pytest.raises(ConfigError, match="trained without it"):
-        sample_grid(tmp_path / "old", 1, None, 1.5, 16, 0, "cpu", tmp_path / "h.png")
+        sample_grid(tmp_path / "old", **grid, out=tmp_path / "h.png")
 
 
 def test_checkpoint_pruning_keeps_the_newest_two_and_drops_stale_newer_ones(tmp_path):
