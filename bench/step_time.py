@@ -129,7 +129,7 @@ def target_only(data: Any, batch: int, n: int, cfg: TrainConfig) -> Callable[[],
         idx = torch.randperm(len(data))[:batch]
         x = data.images[idx]
         t = torch.rand(batch) * 2
-        refs, valid, _ = reference_set(x, idx, data.images, n)
+        refs, valid, _ = reference_set(x, idx, data.images, n=n)
         return sct_x0_offset(x, x + t.reshape(-1, 1, 1, 1) * torch.randn_like(x), t, refs, valid)
 
     return fn

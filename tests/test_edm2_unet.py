@@ -194,7 +194,7 @@ def test_ect_steps_train_and_backward_after_target_pass() -> None:
     start = normalize(conv.weight.detach()).clone()
     torch.manual_seed(3)
     for _ in range(3):
-        out = consistency_loss(model, _batch(), None, T, R, LossConfig(), "ect")
+        out = consistency_loss(model, _batch(), None, T, R, cfg=LossConfig(), method="ect")
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -220,7 +220,8 @@ def test_shared_dropout_mask(replay: bool) -> None:
     model = ConsistencyModel(tiny_net(dropout=0.5), PrecondConfig(sigma_data=0.5)).train()
     cfg = LossConfig(distance="l2", weighting="snrpk")
     torch.manual_seed(0)
-    assert consistency_loss(model, _batch(), None, T, T, cfg, "ect", replay_dropout=replay).loss.item() == 0.0
+    assert consistency_loss(model, _batch(), None, T, T, cfg=cfg, method="ect",
+                            replay_dropout=replay).loss.item() == 0.0
     assert model.net.tape is None
     torch.manual_seed(0)
     a, b = model(_batch(), T), model(_batch(), T)  # control: two passes, two masks

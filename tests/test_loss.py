@@ -77,7 +77,7 @@ def test_ect_loss_equals_manual(distance_kind: str, weight_kind: str) -> None:
     x = _batch()
     cfg = LossConfig(distance=distance_kind, weighting=weight_kind, c=0.03 if distance_kind == "pseudo_huber" else None)
     torch.manual_seed(7)
-    got = consistency_loss(model, x, None, T, R_ECT, cfg, "ect")
+    got = consistency_loss(model, x, None, T, R_ECT, cfg=cfg, method="ect")
     torch.manual_seed(7)
     want = _manual_loss(model, x, T, R_ECT, cfg, "ect")
     torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
@@ -91,7 +91,7 @@ def test_sct_loss_equals_manual() -> None:
     valid = torch.ones(8, 48, dtype=torch.bool)
     cfg = LossConfig()
     torch.manual_seed(7)
-    got = consistency_loss(model, x, None, T, R_ECT, cfg, "sct", refs, valid)
+    got = consistency_loss(model, x, None, T, R_ECT, cfg=cfg, method="sct", refs=refs, valid=valid)
     torch.manual_seed(7)
     want = _manual_loss(model, x, T, R_ECT, cfg, "sct", refs)
     torch.testing.assert_close(got.loss, want, rtol=1e-4, atol=1e-6)
@@ -104,7 +104,7 @@ def test_ict_loss_uses_shift_and_default_c() -> None:
     x = _batch()
     cfg = LossConfig()  # c = None → 0.00054·√64 for iCT
     torch.manual_seed(3)
-    got = consistency_loss(model, x, None, T, T * 0.9, cfg, "ict")
+    got = consistency_loss(model, x, None, T, T * 0.9, cfg=cfg, method="ict")
     torch.manual_seed(3)
     torch.testing.assert_close(got.loss, _manual_loss(model, x, T, T * 0.9, cfg, "ict"), rtol=1e-5, atol=1e-6)
 
@@ -116,7 +116,7 @@ def test_phased_loss_targets_the_lower_edge() -> None:
     r = T * 0.3  # several r fall below their segment's edge → target is the edge point x + s_j·ε
     cfg = LossConfig()
     torch.manual_seed(5)
-    got = consistency_loss(model, x, None, T, r, cfg, "ect")
+    got = consistency_loss(model, x, None, T, r, cfg=cfg, method="ect")
     torch.manual_seed(5)
     torch.testing.assert_close(got.loss, _manual_loss(model, x, T, r, cfg, "ect"), rtol=1e-5, atol=1e-6)
 
@@ -125,12 +125,12 @@ def test_sct_n1_loss_equals_ect_exactly() -> None:
     model = tiny_model(dropout=0.2).train()
     x = _batch(8)
     idx = torch.arange(8)
-    refs, valid, _ = reference_set(x, idx, torch.cat([x, _batch(20, seed=3)]), 1)
+    refs, valid, _ = reference_set(x, idx, torch.cat([x, _batch(20, seed=3)]), n=1)
     for seed in (0, 1, 2):
         torch.manual_seed(seed)
-        ect = consistency_loss(model, x, None, T, R_ECT, LossConfig(), "ect")
+        ect = consistency_loss(model, x, None, T, R_ECT, cfg=LossConfig(), method="ect")
         torch.manual_seed(seed)
-        sct = consistency_loss(model, x, None, T, R_ECT, LossConfig(), "sct", refs, valid)
+        sct = consistency_loss(model, x, None, T, R_ECT, cfg=LossConfig(), method="sct", refs=refs, valid=valid)
         assert torch.equal(ect.loss, sct.loss)
 
 
@@ -143,7 +143,7 @@ def test_shared_dropout_mask(replay: bool) -> None:
     t = torch.full((8,), 1.5)
     cfg = LossConfig(distance="l2", weighting="snrpk")
     torch.manual_seed(0)
-    assert consistency_loss(model, x, None, t, t, cfg, "ect", replay_dropout=replay).loss.item() == 0.0
+    assert consistency_loss(model, x, None, t, t, cfg=cfg, method="ect", replay_dropout=replay).loss.item() == 0.0
     # Control: two passes without restoring the RNG see different masks (so the check above can fail).
     torch.manual_seed(0)
     a, b = model(x, 1.5), model(x, 1.5)
@@ -160,7 +160,8 @@ def test_replayed_dropout_masks_equal_redrawn_ones() -> None:
     def run(replay: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         model.zero_grad()
         torch.manual_seed(11)
-        out = consistency_loss(model, x, None, T, R_ECT, LossConfig(), "sct", refs, valid, replay_dropout=replay)
+        out = consistency_loss(model, x, None, T, R_ECT, cfg=LossConfig(), method="sct", refs=refs, valid=valid,
+                               replay_dropout=replay)
         out.loss.backward()
         return out.loss.detach(), [p.grad.clone() for p in model.parameters()], torch.get_rng_state()
 
@@ -176,7 +177,7 @@ def test_loss_deterministic_under_seed() -> None:
     losses = []
     for seed in (4, 4, 5):
         torch.manual_seed(seed)
-        losses.append(consistency_loss(model, x, None, T, R_ECT, LossConfig(), "ect").loss)
+        losses.append(consistency_loss(model, x, None, T, R_ECT, cfg=LossConfig(), method="ect").loss)
     assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
 
 
@@ -191,7 +192,7 @@ def test_stop_gradient_only_through_prediction() -> None:
         fn().backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    g_lib = grads(lambda: consistency_loss(model, x, None, T, R_ECT, cfg, "ect").loss)
+    g_lib = grads(lambda: consistency_loss(model, x, None, T, R_ECT, cfg=cfg, method="ect").loss)
     g_sg = grads(lambda: _manual_loss(model, x, T, R_ECT, cfg, "ect"))
     g_both = grads(lambda: _manual_loss(model, x, T, R_ECT, cfg, "ect", detach_target=False))
     for a, b in zip(g_lib, g_sg, strict=True):
@@ -218,7 +219,7 @@ def test_non_finite_target_becomes_zero() -> None:
     t, r = torch.tensor([4.0, 4.0]), torch.tensor([3.0, 0.5])  # sample 1's target pass yields NaN
     cfg = LossConfig(distance="l2", weighting="inv_dt")
     torch.manual_seed(0)
-    out = consistency_loss(model, x, None, t, r, cfg, "ect")
+    out = consistency_loss(model, x, None, t, r, cfg=cfg, method="ect")
     torch.manual_seed(0)
     eps = torch.randn_like(x)
     t4, r4 = t.reshape(-1, 1, 1, 1), r.reshape(-1, 1, 1, 1)
@@ -262,12 +263,13 @@ def test_inv_dt_weight_uses_the_schedules_exact_dt(q: float) -> None:
     sched = ScheduleConfig(q=q)
     for s in range(8):
         torch.manual_seed(s)
-        t, r, dt = sample_t_r(1, s * 100, 800, 100, "ect", sched, IctConfig(), 0.002, 80.0)
+        t, r, dt = sample_t_r(1, s * 100, total_iters=800, stage_iters=100, method="ect", sched=sched,
+                              ict=IctConfig(), sigma_min=0.002, sigma_max=80.0)
         losses = {}
         for kind in ("inv_dt", "snrpk"):
             torch.manual_seed(11)
             cfg = LossConfig(distance="l2", weighting=kind)
-            losses[kind] = consistency_loss(model, x, None, t, r, cfg, "ect", dt=dt).loss.double()
+            losses[kind] = consistency_loss(model, x, None, t, r, cfg=cfg, method="ect", dt=dt).loss.double()
         assert all(torch.isfinite(v) for v in losses.values())
         if losses["snrpk"] == 0:  # x_r == x_t in fp32
             assert losses["inv_dt"] == 0

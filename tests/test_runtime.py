@@ -196,7 +196,7 @@ def test_sct_weights_and_loss_stay_fp32_under_bf16_autocast(device: torch.device
     net = build_network(NetworkConfig(model_channels=8, channel_mult=[1, 2], num_blocks=1), 8, 1, 0)
     model = ConsistencyModel(net, PrecondConfig()).to(device)
     with autocast(device, "bf16"):
-        out = consistency_loss(model, x, None, t, 0.9 * t, LossConfig(), "sct", refs, valid)
+        out = consistency_loss(model, x, None, t, 0.9 * t, cfg=LossConfig(), method="sct", refs=refs, valid=valid)
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
 
 

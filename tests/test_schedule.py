@@ -93,14 +93,17 @@ def test_sample_t_r_ect_uses_the_stage_of_the_iteration() -> None:
     sched, ict = ScheduleConfig(), IctConfig()
     for it, s in [(0, 0), (99, 0), (100, 1), (350, 3)]:
         torch.manual_seed(1)
-        t, r, _ = sample_t_r(64, it, 800, 100, "ect", sched, ict, 0.002, 80.0)
+        t, r, _ = sample_t_r(64, it, total_iters=800, stage_iters=100, method="ect", sched=sched, ict=ict,
+                             sigma_min=0.002, sigma_max=80.0)
         torch.testing.assert_close(r, ect_r(t, s, sched))
     # clamp_t clamps t to [sigma_min, sigma_max]; without it t is not clamped (docs/algorithms.md §3 step 1).
     torch.manual_seed(2)
-    t = sample_t_r(4000, 0, 800, 100, "sct", sched, ict, 0.002, 80.0).t
+    t = sample_t_r(4000, 0, total_iters=800, stage_iters=100, method="sct", sched=sched, ict=ict, sigma_min=0.002,
+                   sigma_max=80.0).t
     assert t.min() < 0.002 and t.max() > 80.0
     torch.manual_seed(2)
-    t = sample_t_r(4000, 0, 800, 100, "sct", ScheduleConfig(clamp_t=True), ict, 0.002, 80.0).t
+    t = sample_t_r(4000, 0, total_iters=800, stage_iters=100, method="sct", sched=ScheduleConfig(clamp_t=True),
+                   ict=ict, sigma_min=0.002, sigma_max=80.0).t
     assert t.min() == pytest.approx(0.002) and t.max() == pytest.approx(80.0)
 
 
@@ -190,7 +193,8 @@ def test_dt_matches_float64_at_every_stage(mapping: str, q: float) -> None:
     sched, ict = ScheduleConfig(mapping=mapping, q=q), IctConfig()
     for s in range(8):
         torch.manual_seed(s)
-        t, r, dt = sample_t_r(4096, s * 100, 800, 100, "ect", sched, ict, 0.002, 80.0)
+        t, r, dt = sample_t_r(4096, s * 100, total_iters=800, stage_iters=100, method="ect", sched=sched, ict=ict,
+                              sigma_min=0.002, sigma_max=80.0)
         t64 = t.double()
         g = 1.0 + sched.k * torch.sigmoid(-sched.b * t64) if mapping == "sigmoid" else torch.ones_like(t64)
         want = torch.minimum(t64 * q ** -(s + 1.0) * g, t64)

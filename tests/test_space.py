@@ -117,6 +117,15 @@ def test_pretrain_key_covers_phase_one_only(tmp_path: Path) -> None:
     for change in [{"seed": 1}, {"network": {"model_channels": 48}}, {"pretrain": {"iterations": 60}},
                    {"data": {"resolution": 16}}, {"precision": "bf16"}]:  # fmt: skip
         assert pretrain_fingerprint(TrainConfig.model_validate({**base.model_dump(), **change})) != key, change
+    # A conditional model's phase one drops labels at the rate guidance.mode / label_dropout give.
+    cond = TrainConfig.model_validate({**base.model_dump(), "data": {"conditional": True}})
+    classic = TrainConfig.model_validate({**cond.model_dump(), "guidance": {"mode": "classic"}})
+    same_rate = TrainConfig.model_validate({**cond.model_dump(), "guidance": {"label_dropout": 0.1}})
+    assert pretrain_fingerprint(classic) != pretrain_fingerprint(cond)
+    assert pretrain_fingerprint(classic) == pretrain_fingerprint(same_rate)  # the rate, not how it was set
+    unconditional = TrainConfig.model_validate({**base.model_dump(), "guidance": {"label_dropout": 0.2}})
+    assert pretrain_fingerprint(unconditional) == key  # no labels, nothing dropped
+    assert is_pretrain_field("guidance.label_dropout") and is_pretrain_field("guidance.mode")
     assert is_pretrain_field("network.model_channels") and is_pretrain_field("seed")
     assert not is_pretrain_field("pretrain.checkpoint") and not is_pretrain_field("sct.ref_batch")
     assert needs_pretrain(base) and not needs_pretrain(base.model_copy(update={"method": "ict"}))

@@ -44,7 +44,7 @@ def test_n1_equals_ect_exactly() -> None:
         t = torch.full((32,), t_val)
         r = t * 0.6
         t4, r4 = t.reshape(-1, 1, 1, 1), r.reshape(-1, 1, 1, 1)
-        refs, valid, _ = reference_set(x, idx, ds.images, 1)
+        refs, valid, _ = reference_set(x, idx, ds.images, n=1)
         offset, ess = sct_x0_offset(x, x + t4 * eps, t, refs, valid)
         sct = target_point(x, eps, t4, r4, offset)
         ect = target_point(x, eps, t4, r4)
@@ -73,7 +73,7 @@ def test_target_point_is_the_spec_formula() -> None:
 def test_reference_set_n_leq_batch() -> None:
     images, _ = _indexed_dataset()
     idx = torch.tensor([3, 7, 11, 20, 41])
-    refs, valid, ref_labels = reference_set(images[idx], idx, images, 3)
+    refs, valid, ref_labels = reference_set(images[idx], idx, images, n=3)
     assert _ids(refs) == idx.tolist() and ref_labels is None
     assert valid.diagonal().all()  # every sample is its own reference
     assert (valid.sum(1) == 3).all()
@@ -83,7 +83,7 @@ def test_reference_set_n_gt_batch_draws_extra_refs() -> None:
     images, labels = _indexed_dataset()
     idx = torch.tensor([3, 7, 11, 20, 41])
     torch.manual_seed(0)
-    refs, valid, _ = reference_set(images[idx], idx, images, 17)
+    refs, valid, _ = reference_set(images[idx], idx, images, n=17)
     ids = _ids(refs)
     assert refs.shape[0] == 17 and ids[:5] == idx.tolist()
     extra = ids[5:]
@@ -91,13 +91,14 @@ def test_reference_set_n_gt_batch_draws_extra_refs() -> None:
     assert valid.all()
     # Different draws give different extras (i.i.d. data, not a fixed block).
     torch.manual_seed(1)
-    assert _ids(reference_set(images[idx], idx, images, 17)[0])[5:] != extra
+    assert _ids(reference_set(images[idx], idx, images, n=17)[0])[5:] != extra
 
 
 def test_reference_set_all_uses_whole_dataset() -> None:
     images, labels = _indexed_dataset()
     idx = torch.tensor([3, 7, 11, 20, 41])
-    refs, valid, ref_labels = reference_set(images[idx], idx, images, "all", labels[idx], labels)
+    refs, valid, ref_labels = reference_set(images[idx], idx, images, n="all", labels=labels[idx],
+                                            dataset_labels=labels)
     assert sorted(_ids(refs)) == list(range(50)) and _ids(refs)[:5] == idx.tolist()
     torch.testing.assert_close(ref_labels, labels[torch.tensor(_ids(refs))])
 
@@ -108,7 +109,7 @@ def test_conditional_masking_never_weights_another_class(n: int | str) -> None:
     idx = torch.arange(0, 160, 10)
     x, lab = ds.images[idx], ds.labels[idx]
     torch.manual_seed(0)
-    refs, valid, ref_labels = reference_set(x, idx, ds.images, n, lab, ds.labels)
+    refs, valid, ref_labels = reference_set(x, idx, ds.images, n=n, labels=lab, dataset_labels=ds.labels)
     assert torch.equal(valid.diagonal()[: len(idx)], torch.ones(len(idx), dtype=torch.bool))
     for t_val in (0.002, 1.0, 80.0):
         t = torch.full((len(idx),), t_val)
@@ -131,7 +132,7 @@ def test_finite_and_ess_in_range(n: int | str) -> None:
     idx = torch.randperm(len(ds), generator=g)[:64]
     x = ds.images[idx]
     torch.manual_seed(0)
-    refs, valid, _ = reference_set(x, idx, ds.images, n)
+    refs, valid, _ = reference_set(x, idx, ds.images, n=n)
     n_refs = valid.sum(1).float()  # references each sample may weight
     eps = torch.randn(x.shape, generator=g)
     for t_val in (0.002, 0.1, 1.0, 10.0, 80.0):
@@ -169,7 +170,7 @@ def _target_mse(n: int | str, t_val: float, reps: int = 4, batch: int = 128) -> 
         everything = torch.ones(batch, len(ds), dtype=torch.bool)
         ideal = target_point(x, eps, t4, r4, sct_x0_offset(x, x_t, t, ds.images, everything)[0])
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
-        refs, valid, _ = reference_set(x, idx, ds.images, n)
+        refs, valid, _ = reference_set(x, idx, ds.images, n=n)
         sct = target_point(x, eps, t4, r4, sct_x0_offset(x, x_t, t, refs, valid)[0])
         ect = target_point(x, eps, t4, r4)
         ect_err += (ect - ideal).square().flatten(1).sum(1).mean().item() / reps

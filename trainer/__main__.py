@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 def _data_parallel(cfg: TrainConfig, resume: Path | None, workers: int) -> int:
     """Phase one here (if needed), then the tuning on `workers` processes."""
     from trainer.distributed import backend_for, spawn
+    from trainer.fingerprint import needs_pretrain
     from trainer.runtime import resolve_device
-    from trainer.train import needs_pretrain, pretrain, train_rank
+    from trainer.train import pretrain, train_rank
 
     if needs_pretrain(cfg):
         cfg = cfg.model_copy(deep=True)

@@ -274,6 +274,9 @@ class TrainConfig(_Strict):
 # it; how the data is held). trainer/fingerprint.py keys the shared pretraining cache on exactly this.
 PHASE_ONE_READS = ("data", "network", "precond", "pretrain", "seed", "precision")
 PHASE_ONE_IGNORES = ("pretrain.checkpoint", "data.on_device")
+# Leaves of other sections that phase one reads: a conditional model's label dropout (docs/algorithms.md
+# §4.5), whose rate follows guidance.mode when unset; the fingerprint holds the rate they give.
+PHASE_ONE_LEAVES = ("guidance.label_dropout", "guidance.mode")
 
 
 def leaf_field(path: str) -> str | None:

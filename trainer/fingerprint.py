@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.config import PHASE_ONE_IGNORES, PHASE_ONE_READS, TrainConfig
+from trainer.config import PHASE_ONE_IGNORES, PHASE_ONE_LEAVES, PHASE_ONE_READS, TrainConfig
 
 _ROOT = Path(__file__).resolve().parent
 _NOT_READ = ("metrics",)  # trainer sub-packages phase one does not depend on
@@ -23,7 +23,7 @@ _NOT_READ = ("metrics",)  # trainer sub-packages phase one does not depend on
 
 def is_pretrain_field(path: str) -> bool:
     """Whether the dotted TrainConfig path can change phase one (a search axis on it needs its own)."""
-    return path.split(".")[0] in PHASE_ONE_READS and path != "pretrain.checkpoint"
+    return (path.split(".")[0] in PHASE_ONE_READS and path != "pretrain.checkpoint") or path in PHASE_ONE_LEAVES
 
 
 def needs_pretrain(cfg: TrainConfig) -> bool:
@@ -38,6 +38,7 @@ def pretrain_settings(cfg: TrainConfig) -> dict[str, Any]:
     for path in PHASE_ONE_IGNORES:
         section, leaf = path.split(".")
         out[section] = {k: v for k, v in out[section].items() if k != leaf}
+    out["label_dropout"] = cfg.guidance.label_dropout_rate(cfg.data.conditional)  # PHASE_ONE_LEAVES, resolved
     return out
 
 

@@ -92,7 +92,7 @@ def ict_sample_pair(
 
 
 def sample_t_r(
-    n: int, iteration: int, total_iters: int, stage_iters: int, method: str,
+    n: int, iteration: int, *, total_iters: int, stage_iters: int, method: str,
     sched: ScheduleConfig, ict: IctConfig, sigma_min: float, sigma_max: float,
     device: torch.device | str = "cpu",
 ) -> NoisePair:

@@ -139,17 +139,20 @@ def step_loss(
             with own_dropout_stream(world, cfg.seed, it, device):
                 return edm_loss(model, x[rows], own, cfg.pretrain.p_mean, cfg.pretrain.p_std, sigma=sigma[rows],
                                 noise=noise[rows])
-        t, r, dt = sample_t_r(b, it, cfg.iterations, cfg.stage_iters, cfg.method, cfg.schedule, cfg.ict,
-                              cfg.precond.sigma_min, cfg.precond.sigma_max, device)
+        t, r, dt = sample_t_r(b, it, total_iters=cfg.iterations, stage_iters=cfg.stage_iters, method=cfg.method,
+                              sched=cfg.schedule, ict=cfg.ict, sigma_min=cfg.precond.sigma_min,
+                              sigma_max=cfg.precond.sigma_max, device=device)
         refs = valid = None
         if cfg.method == "sct":
-            refs, valid, _ = reference_set(x, batch.idx, data.images, cfg.sct.ref_batch, labels,
-                                           data.labels if cfg.data.conditional else None, data.num_classes)
+            refs, valid, _ = reference_set(x, batch.idx, data.images, n=cfg.sct.ref_batch, labels=labels,
+                                           dataset_labels=data.labels if cfg.data.conditional else None,
+                                           null_label=data.num_classes)
             valid = valid[rows]
         eps = torch.randn_like(x)
         with own_dropout_stream(world, cfg.seed, it, device):
-            return consistency_loss(model, x[rows], own, t[rows], r[rows], cfg.loss, cfg.method, refs, valid,
-                                    cfg.precond.sigma_min, replay_dropout=replay, dt=dt[rows], eps=eps[rows])
+            return consistency_loss(model, x[rows], own, t[rows], r[rows], cfg=cfg.loss, method=cfg.method, refs=refs,
+                                    valid=valid, sigma_min=cfg.precond.sigma_min, replay_dropout=replay,
+                                    dt=dt[rows], eps=eps[rows])
 
 
 def train_step(

@@ -17,6 +17,7 @@ def reference_set(
     x_batch: torch.Tensor,
     batch_idx: torch.Tensor,
     dataset: torch.Tensor,
+    *,
     n: int | str,
     labels: torch.Tensor | None = None,
     dataset_labels: torch.Tensor | None = None,

@@ -23,6 +23,7 @@ from trainer.data import ImageDataset, dataset_std, load_dataset
 from trainer.distributed import World, broadcast_module, current_world, local_device
 from trainer.ema import Ema
 from trainer.errors import CheckpointError, ConfigError, DivergenceError
+from trainer.fingerprint import needs_pretrain
 from trainer.loss import edm_loss, replays_dropout
 from trainer.networks import build_network, count_parameters
 from trainer.precond import ConsistencyModel
@@ -212,12 +213,6 @@ def _check_ref_batch(cfg: TrainConfig, data: ImageDataset) -> None:
     if cfg.method == "sct" and isinstance(cfg.sct.ref_batch, int) and cfg.sct.ref_batch > len(data):
         raise ConfigError(f"sct.ref_batch: {cfg.sct.ref_batch} is larger than the {cfg.data.name} training set "
                           f"({len(data)} images); use a smaller value or 'all'")
-
-
-def needs_pretrain(cfg: TrainConfig) -> bool:
-    """Whether tuning starts with phase one here: ECT / SCT with pretrain iterations and no checkpoint given
-    (iCT trains from scratch; method edm is phase one itself)."""
-    return cfg.method in ("ect", "sct") and cfg.pretrain.iterations > 0 and cfg.pretrain.checkpoint is None
 
 
 def _check_world(cfg: TrainConfig, world: World, pretraining: bool) -> None:
