@@ -237,3 +237,34 @@ def test_every_checkpoint_reaches_the_reporter(tmp_path):
     assert [s for s, _ in reported] == [5, 10, 15, 20]
     assert all(c.name == f"it{s:07d}" for s, c in reported)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["it0000015", "it0000020"]
+
+
+def test_eval_only_settings_are_declared_and_leave_training_alone(tmp_path):
+    """trainer/config.py's EVAL_ONLY names real settings; changing them leaves the training fingerprint
+    and — trained for real — the weights, EMA and snapshots bit for bit; a training setting changes both."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import EVAL_ONLY, PLACEMENT, is_eval_only, leaf_field
+    from trainer.fingerprint import training_fingerprint
+
+    assert all(leaf_field(p) is None for p in (*EVAL_ONLY, *PLACEMENT))
+    assert is_eval_only("sampler.eta") and not is_eval_only("optim.lr") and not is_eval_only("guidance.mode")
+    base = tiny(tmp_path / "a", method="sct", iterations=6, guidance={"strength": 1.0})
+    base.eval.every, base.eval.at_start, base.pretrain.iterations = 6, False, 0
+    evaluated = base.model_copy(deep=True)
+    evaluated.out_dir = tmp_path / "b"
+    evaluated.sampler.eta, evaluated.sampler.steps, evaluated.guidance.strength = 0.3, [1, 2, 4], 1.5
+    evaluated.guidance.bad_fraction, evaluated.eval.fid_samples = 0.25, 32
+    retrained = base.model_copy(deep=True)
+    retrained.out_dir, retrained.optim.lr = tmp_path / "c", 2e-3
+    assert training_fingerprint(evaluated) == training_fingerprint(base) != training_fingerprint(retrained)
+    states = []
+    for cfg in (base, evaluated, retrained):
+        res = train(cfg, Collect())
+        states.append(load_checkpoint(res.checkpoint_dir / "state.pt"))
+    a, b, c = states
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+        assert not all(torch.equal(a[key][k], c[key][k]) for k in a[key])
+    assert a["snapshots"].keys() == b["snapshots"].keys()
+    snaps_a, snaps_b = a["snapshots"], b["snapshots"]
+    assert all(torch.equal(snaps_a[f][k], snaps_b[f][k]) for f in snaps_a for k in snaps_a[f])

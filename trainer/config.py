@@ -278,6 +278,24 @@ PHASE_ONE_IGNORES = ("pretrain.checkpoint", "data.on_device")
 # §4.5), whose rate follows guidance.mode when unset; the fingerprint holds the rate they give.
 PHASE_ONE_LEAVES = ("guidance.label_dropout", "guidance.mode")
 
+# The settings that only change how a trained model is evaluated — sampled and scored — and never the
+# trained weights: one training serves every value of these (every guidance.bad_fraction among its
+# guidance.snapshot_fractions, whose EMA snapshots it keeps). Every other setting is
+# training-relevant, except PLACEMENT: where and how a run executes, never what it computes.
+# trainer/fingerprint.py's training fingerprint reads this; tests/test_train.py checks that changing
+# these leaves the trained weights bit for bit.
+EVAL_ONLY = (
+    "sampler.t_mid", "sampler.steps", "sampler.eta", "sampler.edge_skip_mode",
+    "guidance.strength", "guidance.bad_fraction",
+    "eval.fid_samples", "eval.batch_size", "eval.online", "eval.save_grid", "eval.inception_weights",
+)
+PLACEMENT = ("out_dir", "device", "compile", "data.on_device", "data.root", "log_every")
+
+
+def is_eval_only(path: str) -> bool:
+    """Whether the dotted TrainConfig path only changes evaluation (see EVAL_ONLY)."""
+    return path in EVAL_ONLY
+
 
 def leaf_field(path: str) -> str | None:
     """None if the dotted `path` names a setting of TrainConfig, else why not."""

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.config import PHASE_ONE_IGNORES, PHASE_ONE_LEAVES, PHASE_ONE_READS, TrainConfig
+from trainer.config import EVAL_ONLY, PHASE_ONE_IGNORES, PHASE_ONE_LEAVES, PHASE_ONE_READS, PLACEMENT, TrainConfig
 
 _ROOT = Path(__file__).resolve().parent
 _NOT_READ = ("metrics",)  # trainer sub-packages phase one does not depend on
@@ -57,4 +57,25 @@ def trainer_digest() -> str:
 def pretrain_fingerprint(cfg: TrainConfig) -> str:
     """Content address of phase one: sha256 of its settings and the trainer source (16 hex digits)."""
     blob = json.dumps({"settings": pretrain_settings(cfg), "trainer": trainer_digest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def training_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Every setting that can change a training's weights, snapshots or checkpoints: the config less its
+    evaluation-only and placement settings (trainer/config.py EVAL_ONLY, PLACEMENT), with the label-dropout
+    rate as applied. A training serves every `guidance.bad_fraction` in its `guidance.snapshot_fractions`."""
+    dump = cfg.model_dump(mode="json")
+    for path in (*EVAL_ONLY, *PLACEMENT):
+        *parents, leaf = path.split(".")
+        node = dump
+        for p in parents:
+            node = node[p]
+        node.pop(leaf)
+    dump["guidance"]["label_dropout"] = cfg.guidance.label_dropout_rate(cfg.data.conditional)
+    return dump
+
+
+def training_fingerprint(cfg: TrainConfig) -> str:
+    """Content address of a training (16 hex digits): equal for configs that differ only in evaluation."""
+    blob = json.dumps({"settings": training_settings(cfg), "trainer": trainer_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
