@@ -21,6 +21,7 @@ class RichProgress(Callback):
         self._task: Any = None
         self._best = math.inf if mode == "min" else -math.inf
         self._done = 0
+        self._counted_ended = False  # the trials a resumed sweep had already ended are counted once
 
     def __getstate__(self) -> dict[str, Any]:
         return {"total": self.total, "metric": self.metric, "mode": self.mode}
@@ -44,13 +45,27 @@ class RichProgress(Callback):
     def _better(self, v: float) -> bool:
         return v < self._best if self.mode == "min" else v > self._best
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        v = result.get(self.metric)
+    def _offer(self, trial: Any, v: Any) -> None:
+        """Show `v` (trial's metric value) as the best so far if it is."""
         if self._progress is None or not isinstance(v, (int, float)) or not math.isfinite(v):
             return
         if self._better(v):
             self._best = float(v)
             self._progress.update(self._task, best=f"best {self.metric} {self._best:.3g} ({trial.trial_id})")
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """Once: a resumed sweep's bar starts from the trials it had already ended, and their best."""
+        if self._counted_ended or self._progress is None:
+            return
+        self._counted_ended = True
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        self._done = len(ended)
+        self._progress.update(self._task, completed=self._done)
+        for t in ended:
+            self._offer(t, (t.last_result or {}).get(self.metric))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._offer(trial, result.get(self.metric))
 
     def _end(self, trial: Any, what: str) -> None:
         if self._progress is None:

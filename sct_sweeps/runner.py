@@ -176,14 +176,30 @@ def _trainable(record: SweepRecord, spec: SweepSpec, resources: dict[str, float]
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
 
 
-def _fit(tuner: Any, record: SweepRecord, client: Any, t0: float, pretrain_s: float, slots: int) -> SweepOutcome:
+def _trial_seconds(results_dir: str) -> dict[str, float]:
+    """trial id -> its running time (Ray's time_total_s) as the stored experiment state has it."""
+    from sct_sweeps.status import stored_analysis
+
+    analysis = stored_analysis(results_dir)
+    trials = analysis.trials if analysis is not None else []
+    return {t.trial_id: float((t.last_result or {}).get("time_total_s", 0.0)) for t in trials}
+
+
+def _fit(
+    tuner: Any, record: SweepRecord, client: Any, t0: float, pretrain_s: float, slots: int,
+    before: dict[str, float] | None = None,
+) -> SweepOutcome:
+    """Run the Tuner; the outcome counts the trial time of this session only (`before`: each trial's time
+    when a resumed sweep started, so trials that ended earlier do not inflate the efficiency)."""
     status = "FAILED"
+    before = before or {}
     try:
         results = tuner.fit()
         errors = len(results.errors)
         status = "FINISHED"
         client.set_tag(record.parent_run_id, schema.FAILED_TRIALS, str(errors))
-        trial_s = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
+        trial_s = sum(max(0.0, float((r.metrics or {}).get("time_total_s", 0.0))
+                          - before.get(str((r.metrics or {}).get("trial_id")), 0.0)) for r in results)
         return SweepOutcome(
             record=record,
             wall_s=time.perf_counter() - t0,
@@ -263,7 +279,9 @@ def _drive(
             tracking.end_run(client, record.parent_run_id, "FAILED")
         raise
     pretrain_s = time.perf_counter() - t_pre
+    before: dict[str, float] = {}
     if not fresh and tune.Tuner.can_restore(record.results_dir):
+        before = _trial_seconds(record.results_dir)
         orphans = retire_orphans(record)
         if orphans:
             log.warning("deleted %d MLflow runs of trials Ray lost with the driver: %s", len(orphans), orphans)
@@ -278,7 +296,7 @@ def _drive(
         if not fresh:  # killed before the Tuner started (during pretraining): start it now, same parent run
             log.info("sweep %s never reached the Tuner; starting it", record.name)
         tuner = _make_tuner(spec, record, resources, launch.progress)
-    return _fit(tuner, record, client, t0, pretrain_s, slots(spec, resources))
+    return _fit(tuner, record, client, t0, pretrain_s, slots(spec, resources), before)
 
 
 def run_sweep(spec: SweepSpec, *, uri: str | None = None, launch: Launch = Launch()) -> SweepOutcome:

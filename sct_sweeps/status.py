@@ -17,7 +17,8 @@ from sct_sweeps.record import SweepRecord, list_sweeps, load_record
 from sct_sweeps.stores import resolve_stores
 
 
-def _analysis(results_dir: str) -> Any:
+def stored_analysis(results_dir: str) -> Any:
+    """The sweep's stored Ray experiment state as an ExperimentAnalysis (None before the first save)."""
     from ray.tune import ExperimentAnalysis
 
     return None if _newest_state_file(results_dir) is None else ExperimentAnalysis(results_dir)
@@ -79,7 +80,7 @@ def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[
     """(metric, rows of trial id, state, node, iteration, best metric so far, last error line)."""
     record = _record(name, storage)
     spec = record.spec
-    analysis = _analysis(record.results_dir)
+    analysis = stored_analysis(record.results_dir)
     if analysis is None:
         raise SweepNotFoundError(f"{name}: no Ray experiment state in {record.results_dir} yet")
     states = trial_states(record.results_dir)

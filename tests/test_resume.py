@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -129,6 +130,10 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(
         env=cli_env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The bar counts the trials that had ended before the kill; the efficiency counts this session's trials only.
+    assert re.search(r"trials\b.*\b4/4\b", done.stdout), done.stdout[-2000:]
+    efficiency = int(re.search(r"trial phase efficiency (\d+)%", done.stdout).group(1))
+    assert 0 < efficiency <= 100, done.stdout[-2000:]
 
     runs = child_runs(uri, "killed")
     per_trial = Counter(r.data.tags["sct.trial_id"] for r in runs)
