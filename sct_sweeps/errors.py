@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from pydantic import ValidationError
 
 from dashboards.errors import DashboardError
@@ -39,10 +41,21 @@ class TrackingError(SweepError):
     """The MLflow tracking store cannot be reached or used."""
 
 
+class StorageError(SweepError):
+    """A directory the sweep writes to is read-only, full, or not ours to write."""
+
+
+# An OSError the user fixes on their side (a directory read-only, full, over quota or not theirs), not a bug.
+_STORAGE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
 def user_message(err: BaseException) -> str | None:
     """One line for an error the user can fix, or None for a bug (which should show a traceback)."""
     if isinstance(err, (SweepError, TrainerError, DashboardError)):
         return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, ValidationError):
         return format_validation_error(err)
+    if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+        where = err.filename or "a sweep directory"
+        return f"{where}: {err.strerror}; free space or choose a writable directory, then `sct-sweep resume` goes on"
     return None

@@ -304,6 +304,7 @@ def run_sweep(spec: SweepSpec, *, uri: str | None = None, launch: Launch = Launc
     t0 = time.perf_counter()
     stores = resolve_stores(spec=spec, tracking_uri=uri)
     stores.check_tracking_dir()
+    stores.check_writable()
     _preflight(spec, stores.tracking_uri, launch)
     out = stores.sweep_dir(spec.name)
     claim = NameClaim(out, spec.name)  # SweepExistsError if taken; held until the record is written
@@ -370,6 +371,7 @@ def resume_sweep(
     stores = resolve_stores(name=name, storage=storage, tracking_uri=uri)
     record.tracking_uri = stores.tracking_uri
     spec = record.spec
+    stores.check_writable()
     _preflight(spec, record.tracking_uri, launch)
     with _ray_session(launch, lambda: _find_parent(record)) as client:
         resources = trial_resources(spec)

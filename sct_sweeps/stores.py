@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from sct_sweeps.config import SweepSpec, check_name
-from sct_sweeps.errors import SpecError, SweepNotFoundError
+from sct_sweeps.errors import SpecError, StorageError, SweepNotFoundError
 from sct_sweeps.record import RECORD, SweepRecord, load_record
 from sct_sweeps.tracking import check_store_dir
 
@@ -65,6 +67,15 @@ class Stores:
         A URI from the sweep record is left to the store client (the sweep was run with it)."""
         if self.uri_from != "record":
             check_store_dir(self.tracking_uri, self.project if self.uri_from == "project" else None)
+
+    def check_writable(self) -> None:
+        """Refuse at once, in one line naming the directory, a local store that is read-only, not ours, or
+        (nearly) full: the results root, the pretraining cache, and a SQLite store's directory."""
+        dirs = [self.results, self.pretrain_cache]
+        if self.tracking_uri.startswith("sqlite:///"):
+            dirs.append(Path(self.tracking_uri.removeprefix("sqlite:///")).parent)
+        for d in dirs:
+            check_writable(d)
 
     @property
     def reports(self) -> Path:
@@ -118,3 +129,25 @@ def resolve_stores(
         pretrain_cache=_absolute(cache, project / ".cache" / "pretrain"),
         uri_from=uri_from,
     )
+
+
+MIN_FREE_MB = 200  # a sweep writes checkpoints, results and MLflow rows: less room than this is refused
+
+
+def check_writable(directory: Path) -> None:
+    """StorageError unless a file can be created in `directory` (or, before it exists, in its nearest
+    existing parent) and its file system has `SCT_MIN_FREE_MB` (default MIN_FREE_MB) free."""
+    probe_dir = Path(directory)
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".sct-write-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise StorageError(f"{directory}: cannot write there ({e.strerror}); choose a writable directory") from None
+    need = float(os.environ.get("SCT_MIN_FREE_MB", MIN_FREE_MB))
+    free = shutil.disk_usage(probe_dir).free / 2**20
+    if free < need:
+        raise StorageError(f"{directory}: only {free:.0f} MB free (a sweep needs SCT_MIN_FREE_MB = {need:.0f}); "
+                           "free space, then run again")
