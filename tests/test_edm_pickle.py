@@ -94,3 +94,91 @@ def test_truncated_and_wrong_content_are_one_line(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError) as err:
             load_edm(path)
         assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+# --- As a pretrained checkpoint: tuning, conversion, sampling --------------------------------------
+
+
+def _rgb_folder(root: Path, n: int = 24, size: int = 32) -> Path:
+    """A tiny `folder` dataset of random-noise RGB PNGs (one class)."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    (root / "a").mkdir(parents=True)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels, "RGB").save(root / "a" / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def folder_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Base settings of a 5-iteration tuning run on 32x32 RGB PNGs, FID by a random-weights Inception."""
+    from trainer.metrics.inception import FidInceptionV3
+
+    monkeypatch.setenv("SCT_CACHE_DIR", str(tmp_path / "cache"))
+    torch.save(FidInceptionV3().state_dict(), tmp_path / "inception_random.pth")
+    return {
+        "data": {"name": "folder", "root": str(_rgb_folder(tmp_path / "pngs"))},
+        "iterations": 5, "device": "cpu", "log_every": 5, "checkpoint_every": 5,
+        "optim": {"batch_size": 8}, "sct": {"ref_batch": 8}, "sampler": {"steps": [1]},
+        "eval": {"every": 5, "fid_samples": 8, "batch_size": 8, "online": False, "at_start": False,
+                 "inception_weights": str(tmp_path / "inception_random.pth")},
+    }
+
+
+@pytest.mark.slow
+def test_tune_from_pickle_then_import_then_sample(tmp_path: Path, folder_run: dict) -> None:
+    from typer.testing import CliRunner
+
+    from sct_sweeps.cli import app
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    path = fixture("ddpmpp_uncond_tiny")
+    for method in ("ect", "sct"):
+        cfg = TrainConfig.model_validate({**folder_run, "method": method, "out_dir": str(tmp_path / method),
+                                          "pretrain": {"checkpoint": str(path)}})
+        result = train(cfg)
+        assert result.iterations == 5 and result.params == 393_331  # the file's network, not the default
+        assert not (tmp_path / method / "pretrain.pt").exists()  # phase one skipped
+    runner = CliRunner()
+    converted = tmp_path / "ddpmpp.pt"
+    done = runner.invoke(app, ["import-edm", str(path), "--out", str(converted)])
+    assert done.exit_code == 0, done.output
+    assert "ddpmpp, 32x32x3" in done.output and "unconditional" in done.output and "0.39M" in done.output
+    cfg = TrainConfig.model_validate({**folder_run, "method": "ect", "out_dir": str(tmp_path / "conv"),
+                                      "pretrain": {"checkpoint": str(converted)}})
+    assert train(cfg).params == 393_331
+    grid = tmp_path / "grid.png"
+    done = runner.invoke(app, ["sample", str(result.checkpoint_dir), "--n", "4", "--device", "cpu",
+                               "--out", str(grid)])
+    assert done.exit_code == 0, done.output
+    assert grid.is_file()
+
+
+def test_contradicting_network_is_refused_in_one_line(tmp_path: Path) -> None:
+    from trainer.config import TrainConfig
+    from trainer.edm_pickle import pretrained_config
+    from trainer.errors import ConfigError
+
+    path = fixture("ddpmpp_uncond_tiny")
+    cfg = TrainConfig.model_validate({"network": {"model_channels": 64, "dropout": 0.2},
+                                      "pretrain": {"checkpoint": str(path)}})
+    with pytest.raises(ConfigError, match=rf"^network.model_channels: 64 contradicts {path} \(16\)$"):
+        pretrained_config(cfg)
+    same = TrainConfig.model_validate({"network": {"arch": "ddpmpp", "model_channels": 16, "dropout": 0.2},
+                                       "pretrain": {"checkpoint": str(path)}})
+    net = pretrained_config(same).network
+    assert (net.num_blocks, net.augment_dim, net.resample_filter, net.dropout) == (1, 9, [1, 1], 0.2)
+
+
+def test_import_edm_refuses_a_non_pickle_with_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sct_sweeps.cli import app
+
+    bad = _write_pickle(tmp_path / "evil.pkl", {"ema": _Touch(tmp_path / "ran")})
+    done = CliRunner().invoke(app, ["import-edm", str(bad), "--out", str(tmp_path / "o.pt")])
+    assert done.exit_code == 2 and "refuses global" in done.output and len(done.output.strip().splitlines()) == 1
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "o.pt").exists()

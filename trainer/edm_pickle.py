@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from trainer.config import NetworkConfig, TrainConfig
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -238,3 +238,83 @@ def load_edm(path: Path | str) -> tuple[Any, TrainConfig]:
     model = ConsistencyModel(net, cfg.precond)
     load_state(model, state, Path(path))
     return model.eval(), cfg
+
+
+# --- Use as a pretrained checkpoint -------------------------------------------------------------
+
+_TUNING_FIELDS = ("dropout", "label_dropout")  # may differ from the file's: tuning's own choice
+
+
+def is_edm_pickle(path: Path) -> bool:
+    """A raw pickle (EDM/EDM2's format) rather than a `torch.save` zip: by extension, else by content."""
+    path = Path(path)
+    if path.suffix == ".pkl":
+        return True
+    try:
+        with path.open("rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and head[1] >= 2 and path.suffix not in (".pt", ".pth")
+
+
+def _file_config(path: Path) -> TrainConfig | None:
+    """The config an EDM pickle or an `import-edm` conversion describes; None for other checkpoints."""
+    if is_edm_pickle(path):
+        return read_network(path)[0]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
+    except Exception:  # noqa: BLE001 - not ours to judge here: load_pretrained reports a bad file
+        return None
+    if not isinstance(state, dict) or "edm_source" not in state:
+        return None
+    return TrainConfig.model_validate_json(state["config"])
+
+
+def merge_network(user: NetworkConfig, given: NetworkConfig, path: Path) -> NetworkConfig:
+    """`given` (the file's network) with the user's tuning choices; a contradicting explicit knob is refused."""
+    default, explicit = NetworkConfig(), user.model_fields_set
+    for name in NetworkConfig.model_fields:
+        mine, theirs = getattr(user, name), getattr(given, name)
+        if name in _TUNING_FIELDS or mine is None or mine == theirs:
+            continue
+        if name in explicit or mine != getattr(default, name):
+            raise ConfigError(f"network.{name}: {mine} contradicts {path} ({theirs})")
+    tuning = {n: getattr(user, n) for n in _TUNING_FIELDS if n in explicit or getattr(user, n) != getattr(default, n)}
+    return given.model_copy(update=tuning)
+
+
+def pretrained_config(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the network and sigma_data of its `pretrain.checkpoint` when that is an EDM/EDM2 pickle
+    or an `import-edm` conversion (other checkpoints: `cfg` unchanged). Raises ConfigError on a contradiction."""
+    path = cfg.pretrain.checkpoint
+    if path is None or not Path(path).is_file():
+        return cfg
+    given = _file_config(Path(path))
+    if given is None:
+        return cfg
+    if cfg.data.conditional != given.data.conditional:
+        raise ConfigError(f"data.conditional: {cfg.data.conditional} contradicts {path} ({given.data.conditional})")
+    sd = given.precond.sigma_data
+    if "sigma_data" in cfg.precond.model_fields_set and cfg.precond.sigma_data != sd:
+        raise ConfigError(f"precond.sigma_data: {cfg.precond.sigma_data} contradicts {path} ({sd})")
+    network = merge_network(cfg.network, given.network, Path(path))
+    return cfg.model_copy(update={"network": network, "precond": cfg.precond.model_copy(update={"sigma_data": sd})})
+
+
+def load_pretrained_pickle(model: torch.nn.Module, path: Path) -> None:
+    """Initialise a model built from `pretrained_config` with the weights of an EDM/EDM2 pickle."""
+    _, state, _ = read_network(Path(path))
+    device = next(model.parameters()).device
+    load_state(model, {k: v.to(device) for k, v in state.items()}, Path(path))
+
+
+def import_edm(src: Path, out: Path) -> dict[str, Any]:
+    """Convert an EDM/EDM2 pickle into a pretrain checkpoint (atomic; config inside) and say what it holds."""
+    from trainer.checkpoint import save_checkpoint
+
+    model, cfg = load_edm(src)
+    save_checkpoint(Path(out), {"kind": "pretrain", "model": model.state_dict(), "iteration": 0,
+                                "config": cfg.model_dump_json(), "edm_source": Path(src).name})
+    return {"arch": cfg.network.arch, "resolution": cfg.data.resolution, "channels": model.net.in_channels,
+            "classes": model.net.label_dim, "params": sum(p.numel() for p in model.net.parameters())}
