@@ -133,7 +133,9 @@ def test_tune_from_pickle_then_import_then_sample(tmp_path: Path, folder_run: di
 
     from sct_sweeps.cli import app
     from trainer.config import TrainConfig
-    from trainer.train import train
+    from trainer.data import load_dataset
+    from trainer.edm_pickle import pretrained_config
+    from trainer.train import build_model, load_pretrained, train
 
     path = fixture("ddpmpp_uncond_tiny")
     for method in ("ect", "sct"):
@@ -147,9 +149,11 @@ def test_tune_from_pickle_then_import_then_sample(tmp_path: Path, folder_run: di
     done = runner.invoke(app, ["import-edm", str(path), "--out", str(converted)])
     assert done.exit_code == 0, done.output
     assert "ddpmpp, 32x32x3" in done.output and "unconditional" in done.output and "0.39M" in done.output
-    cfg = TrainConfig.model_validate({**folder_run, "method": "ect", "out_dir": str(tmp_path / "conv"),
-                                      "pretrain": {"checkpoint": str(converted)}})
-    assert train(cfg).params == 393_331
+    cfg = pretrained_config(TrainConfig.model_validate({**folder_run, "pretrain": {"checkpoint": str(converted)}}))
+    model = build_model(cfg, load_dataset(cfg.data, "train"))
+    load_pretrained(model, converted)
+    original, _ = load_edm(path)
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items())
     grid = tmp_path / "grid.png"
     done = runner.invoke(app, ["sample", str(result.checkpoint_dir), "--n", "4", "--device", "cpu",
                                "--out", str(grid)])
@@ -182,3 +186,40 @@ def test_import_edm_refuses_a_non_pickle_with_exit_2(tmp_path: Path) -> None:
     done = CliRunner().invoke(app, ["import-edm", str(bad), "--out", str(tmp_path / "o.pt")])
     assert done.exit_code == 2 and "refuses global" in done.output and len(done.output.strip().splitlines()) == 1
     assert not (tmp_path / "ran").exists() and not (tmp_path / "o.pt").exists()
+
+
+def _spec_with(path: Path | None, tmp_path: Path) -> dict:
+    base = {"method": "sct", "iterations": 20, "data": {"name": "digits"}, "pretrain": {"iterations": 500}}
+    if path is not None:
+        base["pretrain"]["checkpoint"] = str(path)
+    return {"name": "frompkl", "base": base, "search": {"seed": {"grid": [0, 1]}},
+            "estimate": {"it_per_s": 10.0, "at_channels": 32}, "pretrain_cache": str(tmp_path / "cache")}
+
+
+def test_validate_shows_the_given_pickle_and_leaves_it_out_of_the_cost(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from sct_sweeps.cli import app
+    from sct_sweeps.config import parse_spec
+    from sct_sweeps.pretrain import enumerate_configs
+    from sct_sweeps.space import plan
+
+    path = fixture("ddpmpp_uncond_tiny")
+    given, trained = parse_spec(_spec_with(path, tmp_path)), parse_spec(_spec_with(None, tmp_path))
+    phase_ones = enumerate_configs(trained)[0]
+    assert enumerate_configs(given) == ([], True) and phase_ones
+    p, q = plan(given, 4), plan(trained, 4)
+    assert p.pretrains == 0 and p.est_compute_s < q.est_compute_s
+    left_out = sum(c.pretrain.iterations for c in phase_ones) / 10.0  # it_per_s 10, width as the estimate's
+    assert p.est_compute_s == pytest.approx(q.est_compute_s - left_out)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(_spec_with(path, tmp_path)))
+    done = CliRunner().invoke(app, ["validate", str(spec)])
+    assert done.exit_code == 0, done.output
+    assert f"pretraining: from {path} (0 iterations)" in done.output
+    bad = _spec_with(path, tmp_path)
+    bad["base"]["network"] = {"model_channels": 64}
+    spec.write_text(yaml.safe_dump(bad))
+    done = CliRunner().invoke(app, ["validate", str(spec)])
+    assert done.exit_code == 2 and f"base.network.model_channels: 64 contradicts {path} (16)" in done.output

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.config import NetworkConfig, TrainConfig
+from trainer.config import NetworkConfig, PrecondConfig, TrainConfig
 from trainer.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -272,15 +272,17 @@ def _file_config(path: Path) -> TrainConfig | None:
 
 
 def merge_network(user: NetworkConfig, given: NetworkConfig, path: Path) -> NetworkConfig:
-    """`given` (the file's network) with the user's tuning choices; a contradicting explicit knob is refused."""
-    default, explicit = NetworkConfig(), user.model_fields_set
+    """`given` (the file's network) with the user's tuning choices (dropout, label_dropout).
+
+    A knob the user moved off its default and that differs from the file is refused in one line;
+    knobs left at their defaults take the file's values.
+    """
+    default = NetworkConfig()
     for name in NetworkConfig.model_fields:
         mine, theirs = getattr(user, name), getattr(given, name)
-        if name in _TUNING_FIELDS or mine is None or mine == theirs:
-            continue
-        if name in explicit or mine != getattr(default, name):
+        if name not in _TUNING_FIELDS and mine is not None and mine != theirs and mine != getattr(default, name):
             raise ConfigError(f"network.{name}: {mine} contradicts {path} ({theirs})")
-    tuning = {n: getattr(user, n) for n in _TUNING_FIELDS if n in explicit or getattr(user, n) != getattr(default, n)}
+    tuning = {n: getattr(user, n) for n in _TUNING_FIELDS if getattr(user, n) != getattr(default, n)}
     return given.model_copy(update=tuning)
 
 
@@ -296,7 +298,7 @@ def pretrained_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.data.conditional != given.data.conditional:
         raise ConfigError(f"data.conditional: {cfg.data.conditional} contradicts {path} ({given.data.conditional})")
     sd = given.precond.sigma_data
-    if "sigma_data" in cfg.precond.model_fields_set and cfg.precond.sigma_data != sd:
+    if cfg.precond.sigma_data not in (sd, PrecondConfig().sigma_data):
         raise ConfigError(f"precond.sigma_data: {cfg.precond.sigma_data} contradicts {path} ({sd})")
     network = merge_network(cfg.network, given.network, Path(path))
     return cfg.model_copy(update={"network": network, "precond": cfg.precond.model_copy(update={"sigma_data": sd})})
