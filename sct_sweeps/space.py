@@ -156,7 +156,7 @@ class Plan:
         more = "" if self.pretrains_complete else " (+ any from continuous axes, built in trials)"
         pretraining = f"distinct pretrainings: {self.pretrains}{more} ({self.pretrain_iterations} iterations)"
         if self.pretrained_from is not None:
-            pretraining = f"pretraining: from {self.pretrained_from} (0 iterations)"
+            pretraining = f"pretraining: from {self.pretrained_from} (0 iterations, 0 h)"
         out = [
             f"trials: {self.trials}",
             pretraining,

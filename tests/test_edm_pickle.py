@@ -217,7 +217,7 @@ def test_validate_shows_the_given_pickle_and_leaves_it_out_of_the_cost(tmp_path:
     spec.write_text(yaml.safe_dump(_spec_with(path, tmp_path)))
     done = CliRunner().invoke(app, ["validate", str(spec)])
     assert done.exit_code == 0, done.output
-    assert f"pretraining: from {path} (0 iterations)" in done.output
+    assert f"pretraining: from {path} (0 iterations, 0 h)" in done.output
     bad = _spec_with(path, tmp_path)
     bad["base"]["network"] = {"model_channels": 64}
     spec.write_text(yaml.safe_dump(bad))
