@@ -41,6 +41,13 @@ TINY = {
 }
 
 
+def layout(net: torch.nn.Module) -> tuple[int, int, str, dict[str, list[int]]]:
+    """(parameters, state-dict tensors, digest of the [key, shape] list, shapes) with the original's key names."""
+    sd = {k.removeprefix("unet."): list(v.shape) for k, v in net.state_dict().items()}
+    digest = hashlib.sha256(json.dumps([[k, v] for k, v in sd.items()]).encode()).hexdigest()[:16]
+    return sum(p.numel() for p in net.parameters()), len(sd), digest, sd
+
+
 def _arch(arch: str) -> str:
     if arch == "edm2" and importlib.util.find_spec("trainer.arch.edm2_unet") is None:
         pytest.skip("EDM2 network not built yet (trainer/arch/edm2_unet.py)")
@@ -52,11 +59,9 @@ def test_published_layout(arch: str) -> None:
     knobs, res, classes, params, tensors, digest = PUBLISHED[arch]
     with torch.device("meta"):
         net = build_network(NetworkConfig(arch=arch, **knobs), res, 3, classes)
-    sd = {k.removeprefix("unet."): v for k, v in net.state_dict().items()}
-    assert sum(p.numel() for p in net.parameters()) == params
-    assert len(sd) == tensors
-    assert hashlib.sha256(json.dumps([[k, list(v.shape)] for k, v in sd.items()]).encode()).hexdigest()[:16] == digest
-    assert {k: list(sd[k].shape) for k in SOME_SHAPES[arch]} == SOME_SHAPES[arch]
+    *counts, shapes = layout(net)
+    assert counts == [params, tensors, digest]
+    assert {k: shapes[k] for k in SOME_SHAPES[arch]} == SOME_SHAPES[arch]
 
 
 def tiny_model(arch: str, dropout: float = 0.0, classes: int = 0) -> ConsistencyModel:
@@ -116,3 +121,13 @@ def test_every_method_trains_every_arch(tmp_path: Path, arch: str, method: str, 
     result = train(TrainConfig.model_validate(raw))
     assert result.iterations == 2 and result.checkpoint_dir is not None
     assert result.params == sum(p.numel() for p in tiny_model(arch, classes=10).net.parameters())
+
+
+@pytest.mark.parametrize("name", ["cifar10_ect", "cifar10_sct"])
+def test_paper_specs_use_the_published_ddpmpp(name: str) -> None:
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml").read_text())
+    with torch.device("meta"):
+        net = build_network(NetworkConfig(**raw["base"]["network"]), 32, 3, 0)
+    assert list(layout(net)[:3]) == list(PUBLISHED["ddpmpp"][3:])
