@@ -223,3 +223,54 @@ def test_validate_shows_the_given_pickle_and_leaves_it_out_of_the_cost(tmp_path:
     spec.write_text(yaml.safe_dump(bad))
     done = CliRunner().invoke(app, ["validate", str(spec)])
     assert done.exit_code == 2 and f"base.network.model_channels: 64 contradicts {path} (16)" in done.output
+
+
+SONG_DIGITS = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.1,
+                   embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                   channel_mult_noise=1, resample_filter=[1, 1])
+
+
+def digits_pickle(path: Path) -> Path:
+    """An EDM-format pickle (tests/_edm_format.py) of a digits-sized DDPM++ (8x8, 1 channel)."""
+    from _edm_format import write_edm_pickle
+
+    from trainer.arch.song_unet import SongUNet
+
+    torch.manual_seed(0)
+    net = SongUNet(img_resolution=8, in_channels=1, out_channels=1, **SONG_DIGITS)
+    return write_edm_pickle(path, net, model_kwargs=SONG_DIGITS, resolution=8, channels=1)
+
+
+def test_written_edm_format_reads_back_without_running_module_src(tmp_path: Path) -> None:
+    model, cfg = load_edm(digits_pickle(tmp_path / "d.pkl"))  # module_src would raise SystemExit if run
+    assert (cfg.network.arch, cfg.network.model_channels, cfg.data.resolution) == ("ddpmpp", 8, 8)
+    assert model.denoise(torch.zeros(2, 1, 8, 8), 1.0).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.slow
+def test_sweep_from_a_pickle_pretrains_nothing(tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path) -> None:
+    import subprocess
+
+    import yaml
+    from conftest import sct_sweep, tiny_spec
+
+    from sct_sweeps import tracking
+
+    raw = tiny_spec("frompkl", pretrain_cache, seeds=[0, 1], iterations=10)
+    del raw["base"]["network"]  # left at defaults: the file's network is taken
+    raw["base"]["pretrain"]["checkpoint"] = str(digits_pickle(tmp_path / "digits.pkl"))
+    spec = tmp_path / "frompkl.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    before = sorted(pretrain_cache.rglob("*"))
+    done = subprocess.run([sct_sweep(), "run", str(spec), "--num-cpus", "2", "--no-report"], env=cli_env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 trials, 0 failed" in done.stdout, done.stdout
+    assert sorted(pretrain_cache.rglob("*")) == before  # no phase one built
+    client = tracking.client(f"sqlite:///{Path(cli_env['SCT_PROJECT_DIR']) / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("frompkl")
+    children = client.search_runs([exp.experiment_id], "tags.`sct.role` = 'trial'")
+    assert len(children) == 2
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert (c.data.params["network.arch"], c.data.params["network.model_channels"]) == ("ddpmpp", "8")
