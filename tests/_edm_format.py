@@ -48,8 +48,9 @@ def _state(module: nn.Module, class_name: str, init_kwargs: dict[str, Any], extr
 
 
 def write_edm_pickle(path: Path, unet: nn.Module, *, model_kwargs: dict[str, Any], resolution: int, channels: int,
-                     label_dim: int = 0) -> Path:
-    """`unet` (a SongUNet / DhariwalUNet of ours) as EDM's `EDMPrecond` snapshot pickle at `path`."""
+                     label_dim: int = 0, bare: bool = False) -> Path:
+    """`unet` (a SongUNet / DhariwalUNet of ours) as EDM's `EDMPrecond` snapshot pickle at `path`
+    (`bare`: the network object itself at the top level instead of a snapshot dict)."""
     precond = {"img_resolution": resolution, "img_channels": channels, "label_dim": label_dim, "use_fp16": False,
                "sigma_min": 0, "sigma_max": float("inf"), "sigma_data": 0.5}
     holder = nn.Module()
@@ -63,7 +64,7 @@ def write_edm_pickle(path: Path, unet: nn.Module, *, model_kwargs: dict[str, Any
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
     sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": fake})
     try:
-        path.write_bytes(pickle.dumps({"ema": top, "loss_fn": None}, protocol=4))
+        path.write_bytes(pickle.dumps(top if bare else {"ema": top, "loss_fn": None}, protocol=4))
     finally:
         del sys.modules["torch_utils.persistence"], sys.modules["torch_utils"]
         _reconstruct_persistent_obj.__module__ = __name__

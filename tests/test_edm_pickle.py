@@ -230,7 +230,7 @@ SONG_DIGITS = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_res
                    channel_mult_noise=1, resample_filter=[1, 1])
 
 
-def digits_pickle(path: Path) -> Path:
+def digits_pickle(path: Path, bare: bool = False) -> Path:
     """An EDM-format pickle (tests/_edm_format.py) of a digits-sized DDPM++ (8x8, 1 channel)."""
     from _edm_format import write_edm_pickle
 
@@ -238,13 +238,15 @@ def digits_pickle(path: Path) -> Path:
 
     torch.manual_seed(0)
     net = SongUNet(img_resolution=8, in_channels=1, out_channels=1, **SONG_DIGITS)
-    return write_edm_pickle(path, net, model_kwargs=SONG_DIGITS, resolution=8, channels=1)
+    return write_edm_pickle(path, net, model_kwargs=SONG_DIGITS, resolution=8, channels=1, bare=bare)
 
 
 def test_written_edm_format_reads_back_without_running_module_src(tmp_path: Path) -> None:
     model, cfg = load_edm(digits_pickle(tmp_path / "d.pkl"))  # module_src would raise SystemExit if run
     assert (cfg.network.arch, cfg.network.model_channels, cfg.data.resolution) == ("ddpmpp", 8, 8)
-    assert model.denoise(torch.zeros(2, 1, 8, 8), 1.0).shape == (2, 1, 8, 8)
+    bare, _ = load_edm(digits_pickle(tmp_path / "bare.pkl", bare=True))  # a network object at the top level
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(model.denoise(x, 1.0), bare.denoise(x, 1.0))
 
 
 @pytest.mark.slow
