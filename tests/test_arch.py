@@ -80,7 +80,10 @@ def test_dropout_tape_replays_the_same_masks(arch: str) -> None:
     torch.manual_seed(0)
     assert consistency_loss(model, x, None, t, t, cfg, "ect", replay_dropout=True).loss.item() == 0.0
 
+    start = {k: v.clone() for k, v in model.state_dict().items()}  # EDM2 re-normalises its weights in place
+
     def run(replay: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.load_state_dict(start)
         model.zero_grad()
         torch.manual_seed(3)
         out = consistency_loss(model, x, None, t, t * 0.5, LossConfig(), "ect", replay_dropout=replay)

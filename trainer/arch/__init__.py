@@ -29,8 +29,8 @@ SONG_PRESETS: dict[str, dict[str, Any]] = {
 class EdmNet(nn.Module):
     """Adapter: F(x, c_noise, class indices or None) of an original-architecture `unet`.
 
-    Indices become one-hot rows; None becomes all-zero rows (EDM's "no class") for a conditional
-    net and stays None for an unconditional one. `tape` (dropout replay) is forwarded to `unet`.
+    Indices become one-hot rows; None and the null index `label_dim` become all-zero rows (EDM's "no
+    class") for a conditional net; an unconditional one gets None. `tape` (dropout replay) is forwarded to `unet`.
     """
 
     def __init__(self, unet: nn.Module, *, label_dim: int, img_resolution: int, in_channels: int,
@@ -56,7 +56,9 @@ class EdmNet(nn.Module):
             return None
         if labels is None:
             return torch.zeros(n, self.label_dim, device=device)
-        return F.one_hot(labels.long().reshape(-1), self.label_dim).float().expand(n, -1)
+        # index label_dim is the trainer's null label (label dropout, classic CFG): an all-zero row
+        rows = F.one_hot(labels.long().reshape(-1), self.label_dim + 1)[:, : self.label_dim]
+        return rows.float().expand(n, -1)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.unet(x, noise_labels.reshape(-1).expand(x.shape[0]), self.one_hot(labels, x.shape[0], x.device))
