@@ -79,6 +79,13 @@ class NetworkConfig(_Strict):
             raise ValueError("must be a list of 1 to 16 integers in 1..64")
         return v
 
+    @field_validator("resample_filter")
+    @classmethod
+    def _filter_taps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not 0 < len(v) <= 8 or any(not 0 < t <= 1024 for t in v)):
+            raise ValueError("must be a list of 1 to 8 filter taps in 1..1024, e.g. [1, 1] or [1, 3, 3, 1]")
+        return v
+
     @field_validator("attn_resolutions")
     @classmethod
     def _resolutions(cls, v: list[int]) -> list[int]:
