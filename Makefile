@@ -52,7 +52,8 @@ gpu-check:
 # Paper-reproduction targets (scripts/reproduce.sh; experiments/*.yaml). DRY_RUN=1 prints the plan
 # and runs nothing; QUICK=1 runs the <= 20-minute version of a Fashion-MNIST target. The GPU targets
 # stop at once with a one-line reason without a CUDA GPU, the data (DATA_ROOT=...) or the Inception
-# weights (INCEPTION_WEIGHTS=...).
+# weights (INCEPTION_WEIGHTS=...). PRETRAINED=<EDM/EDM2 .pkl> tunes from NVIDIA's published network
+# (no pretraining; see README "Start from published checkpoints").
 REPRODUCE := bash scripts/reproduce.sh
 .PHONY: reproduce-digits reproduce-fmnist-ect-vs-sct reproduce-fmnist-scaling \
         reproduce-cifar10-ect reproduce-cifar10-sct reproduce-imagenet64-sct

@@ -7,7 +7,8 @@ nothing is downloaded. Measures, each as the median of timed blocks after warm-u
 - iterations/s of EDM, ECT and SCT steps (SCT at reference sets 128, 1024, 8192) for the DDPM++-size
   U-Net (~56M parameters) and the small U-Net (1.5M, the Fashion-MNIST one), in fp32 (true fp32),
   tf32 (TF32 matmuls and convolutions) and bf16 autocast, with achieved TFLOP/s
-  (torch.utils.flop_counter) and the ratio to ECT;
+  (torch.utils.flop_counter) and the ratio to ECT; then the ECT and SCT (n=1024) steps of EDM's exact
+  DDPM++ (network.arch ddpmpp, 32x32) and EDM2-S (arch edm2, 64x64, 1000 classes);
 - host synchronisations inside each step (torch.cuda sync debug mode, with file:line);
 - sampling throughput (images/s, 1- and 2-step, trainer.evaluate.generate);
 - FID-feature throughput (images/s of trainer.metrics.fid.compute_stats) for the digits and
@@ -52,6 +53,11 @@ from trainer.train import build_model
 
 DDPMPP = {"model_channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16], "dropout": 0.2}
 SMALL = {"model_channels": 20, "channel_mult": [1, 2, 4], "num_blocks": 2, "dropout": 0.1}  # fmnist_pretrain.yaml
+# Original-architecture nets (network.arch) as (knobs, resolution, classes): EDM's exact CIFAR-10 DDPM++
+# (edm-cifar10-32x32-uncond-vp.pkl) and EDM2-S at ImageNet-64 (edm2-img64-s-*.pkl).
+EXACT = {**DDPMPP, "arch": "ddpmpp", "augment_dim": 9}
+EDM2_S = {"arch": "edm2", "model_channels": 192, "channel_mult": [1, 2, 3, 4], "num_blocks": 3,
+          "attn_resolutions": [16, 8], "dropout": 0.0}
 
 
 @dataclass
@@ -62,6 +68,8 @@ class Sizes:
     dataset: int = 50_000  # CIFAR-10's training-set size; ≥ the largest reference set
     refs: tuple[int, ...] = (128, 1024, 8192)
     nets: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ddpmpp": DDPMPP, "small": SMALL})
+    arch_nets: dict[str, tuple[dict[str, Any], int, int]] = field(
+        default_factory=lambda: {"ddpmpp_exact": (EXACT, 32, 0), "edm2_s": (EDM2_S, 64, 1000)})
     sample_n: int = 1000
     eval_batch: int = 500
     fid_n: int = 2000
@@ -75,6 +83,8 @@ SMOKE = Sizes(
     batch=8, dataset=64, refs=(8, 16, 32), sample_n=8, eval_batch=4, fid_n=8, inception_n=2, warmup=0, block_s=0.0,
     blocks=1, nets={"ddpmpp": {**DDPMPP, "model_channels": 8, "num_blocks": 1},
                     "small": {**SMALL, "model_channels": 4, "num_blocks": 1}},
+    arch_nets={"ddpmpp_exact": ({**EXACT, "model_channels": 8, "num_blocks": 1}, 32, 0),
+               "edm2_s": ({**EDM2_S, "model_channels": 16, "num_blocks": 1}, 64, 1000)},
 )
 
 
@@ -124,13 +134,24 @@ class Bench:
         return time_call(fn, self.device, sz.warmup if warmup is None else warmup, sz.block_s, sz.blocks)
 
     def config(self, net: str, precision: str) -> TrainConfig:
+        knobs, _, classes = self.sz.arch_nets.get(net, (self.sz.nets.get(net), 0, 0))
         return TrainConfig.model_validate({
-            "network": self.sz.nets[net], "precision": precision, "device": str(self.device),
+            "network": knobs, "precision": precision, "device": str(self.device),
+            "data": {"conditional": classes > 0},  # a conditional net gets EDM's "no class" (labels None)
             "optim": {"batch_size": self.sz.batch}, "eval": {"batch_size": self.sz.eval_batch},
         })
 
-    def model(self, cfg: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        model = build_model(cfg, self.data).to(self.device)
+    def arch_data(self, net: str) -> ImageDataset:
+        """Synthetic images of the resolution (and classes) of an original-architecture net."""
+        _, res, classes = self.sz.arch_nets[net]
+        g = torch.Generator(device=self.device).manual_seed(0)
+        n = max(self.sz.refs[1], self.sz.batch)
+        images = torch.rand(n, 3, res, res, generator=g, device=self.device) * 2 - 1
+        labels = torch.randint(0, max(classes, 1), (n,), generator=g, device=self.device)
+        return ImageDataset(images, labels, max(classes, 1), f"synthetic-{res}px")
+
+    def model(self, cfg: TrainConfig, data: ImageDataset | None = None) -> tuple[torch.nn.Module, Any]:
+        model = build_model(cfg, data or self.data).to(self.device)
         return model, torch.optim.RAdam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
 
     # --- measurements --------------------------------------------------------------------------------
@@ -156,19 +177,22 @@ class Bench:
             print(f"sync audit {label}: {self.res['sync_audit'][label] or 'none'}", flush=True)
         self.save()
 
-    def train_and_sample(self, net: str) -> None:
-        """Training-step rows (both precisions, every method) and sampling rows of one network."""
+    def train_and_sample(self, net: str, data: ImageDataset | None = None,
+                         methods: list[tuple[str, str, int]] | None = None) -> None:
+        """Training-step rows (both precisions, every method) and sampling rows of one network.
+
+        With `data` (an original-architecture net's images): only `methods`' steps, no sampling."""
         cfg = self.config(net, "fp32")
-        model, opt = self.model(cfg)
+        model, opt = self.model(cfg, data)
         params = count_parameters(model.net)
         flops: dict[str, float] = {}
-        need = 12.0 if net == "ddpmpp" else 6.0
+        need = 6.0 if net == "small" else 12.0
         for precision in ("bf16", "tf32", "fp32"):  # fp32 = true fp32 (TF32 off), as ECT's code
             cfg = self.config(net, precision)
             configure_backend(self.device, precision)
             ect_ms: float | None = None
-            for label, method, ref in self.methods():
-                step = make_step(method, ref, cfg, model, self.data, opt, self.sz.batch)
+            for label, method, ref in methods or self.methods():
+                step = make_step(method, ref, cfg, model, data or self.data, opt, self.sz.batch)
 
                 def row(label=label, step=step, precision=precision) -> dict[str, Any]:
                     nonlocal ect_ms
@@ -186,7 +210,7 @@ class Bench:
                             "spread": round(t["spread"], 3), "calls": t["calls"]}
 
                 self.run("train", f"{net} {precision} {label}", need, row)
-            for steps in (1, 2):
+            for steps in (1, 2) if data is None else ():
                 self.run("sampling", f"{net} {precision} {steps}-step", need / 2,
                          lambda steps=steps, cfg=cfg, m=model: self.sampling(net, cfg, m, params, steps))
         del model, opt
@@ -368,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     b.sync_audit()
     for net in b.sz.nets:
         b.train_and_sample(net)
+    tuning = [("ect", "ect", 1), (f"sct n={b.sz.refs[1]}", "sct", b.sz.refs[1])]
+    for net in b.sz.arch_nets:  # EDM's exact DDPM++ and EDM2-S: the tuning steps only
+        try:
+            b.train_and_sample(net, data=b.arch_data(net), methods=tuning)
+        except ModuleNotFoundError as e:  # a network module not on this branch
+            b.res["errors"].append(f"train: {net}: {e}")
     b.fid_features()
     if not args.no_compile:
         b.compile()

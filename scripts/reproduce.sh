@@ -10,6 +10,8 @@
 #                      iterations and seeds, smaller FID sample; sweep name gets `_quick`)
 #   DATA_ROOT          paper targets: overrides data.root of the spec
 #   INCEPTION_WEIGHTS  paper targets: overrides eval.inception_weights (pt_inception-2015-12-05-6726825d.pth)
+#   PRETRAINED         paper targets: sets pretrain.checkpoint, e.g. NVIDIA's edm-cifar10-32x32-uncond-vp.pkl
+#                      or edm2-img64-s-*.pkl (downloaded by you): tuning starts from it, no pretraining
 #   SCT_SWEEP, PY      the CLI and the Python to use (default: .venv/bin/sct-sweep, .venv/bin/python)
 #
 # Paper targets (cifar10-*, imagenet64-*) stop at once, with one line saying why, on a machine
@@ -105,6 +107,7 @@ paper() {
   local spec=$1 sets=() root weights missing=""
   [[ -n "${DATA_ROOT:-}" ]] && sets+=("base.data.root=$DATA_ROOT")
   [[ -n "${INCEPTION_WEIGHTS:-}" ]] && sets+=("base.eval.inception_weights=$INCEPTION_WEIGHTS")
+  [[ -n "${PRETRAINED:-}" ]] && sets+=("base.pretrain.checkpoint=$(realpath "$PRETRAINED")")
   if ((${#sets[@]})); then
     spec=$(derive "$spec" "$(basename "$spec" .yaml)" "${sets[@]}")
     echo "spec: $spec (${sets[*]})"

@@ -252,6 +252,22 @@ def sample(
     out.print(f"wrote {path}")
 
 
+@app.command("import-edm")
+@_user_errors
+def import_edm(
+    src: Path = typer.Argument(..., help="A published EDM or EDM2 network pickle (.pkl)."),
+    out_file: Path = typer.Option(..., "--out", help="Pretrain checkpoint to write (.pt)."),
+) -> None:
+    """Convert an EDM/EDM2 pickle (read safely, nothing in it runs) into a pretrain checkpoint."""
+    from trainer.edm_pickle import import_edm as convert
+
+    found = convert(src, out_file)
+    classes = found["classes"] or "unconditional"
+    out.print(f"{src}: {found['arch']}, {found['resolution']}x{found['resolution']}x{found['channels']}, "
+              f"classes {classes}, {found['params'] / 1e6:.2f}M parameters")
+    out.print(f"wrote {out_file}")
+
+
 @app.command()
 @_user_errors
 def ui(

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sct_sweeps.errors import SpecError
 from trainer.config import MAX_ITERATIONS, TrainConfig, format_validation_error, leaf_field, override
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainerError
 from trainer.yaml_io import read_yaml
 
 AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -271,6 +271,13 @@ def check_files(cfg: TrainConfig, where: str = "base") -> None:
     ckpt = cfg.pretrain.checkpoint
     if ckpt is not None and not Path(ckpt).is_file():
         raise SpecError(f"{at}pretrain.checkpoint: {ckpt}: file not found")
+    if ckpt is not None and Path(ckpt).suffix == ".pkl":  # an EDM/EDM2 pickle: its network must agree now
+        from trainer.edm_pickle import pretrained_config
+
+        try:
+            pretrained_config(cfg)
+        except TrainerError as e:
+            raise SpecError(f"{at}{e}") from None
     weights = cfg.eval.inception_weights
     if cfg.data.name in _INCEPTION_DATASETS and weights is None:
         raise SpecError(

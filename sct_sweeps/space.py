@@ -149,13 +149,17 @@ class Plan:
     pretrain_iterations: int
     est_compute_s: float | None  # sum over trials and pretraining, one trial's resources each
     est_wall_s: float | None  # compute / concurrency (an estimate: no startup, no stragglers)
+    pretrained_from: str | None = None  # every trial starts from this given checkpoint (no phase one)
 
     def lines(self) -> list[str]:
         """Human-readable plan, one fact a line."""
         more = "" if self.pretrains_complete else " (+ any from continuous axes, built in trials)"
+        pretraining = f"distinct pretrainings: {self.pretrains}{more} ({self.pretrain_iterations} iterations)"
+        if self.pretrained_from is not None:
+            pretraining = f"pretraining: from {self.pretrained_from} (0 iterations, 0 h)"
         out = [
             f"trials: {self.trials}",
-            f"distinct pretrainings: {self.pretrains}{more} ({self.pretrain_iterations} iterations)",
+            pretraining,
             f"resources per trial: {self.cpu:g} CPU, {self.gpu} GPU; up to {self.concurrency} at a time",
             f"tuning iterations (expected total): {self.tuning_iterations:.0f}",
         ]
@@ -209,7 +213,16 @@ def plan(spec: SweepSpec, total_cpus: float | None = None) -> Plan:
         pretrain_iterations=pre_iters,
         est_compute_s=compute,
         est_wall_s=wall,
+        pretrained_from=_given_checkpoint(spec),
     )
+
+
+def _given_checkpoint(spec: SweepSpec) -> str | None:
+    """The base's pretrain.checkpoint when no axis varies it and every trial tunes from it."""
+    given = spec.base.pretrain.checkpoint
+    if given is None or "pretrain.checkpoint" in spec.search or spec.base.method not in ("ect", "sct"):
+        return None
+    return str(given)
 
 
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:

@@ -147,6 +147,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     import ray
     from ray import tune
 
+    from trainer.edm_pickle import pretrained_config
     from trainer.train import train
 
     logging.basicConfig(level=ctx.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -161,6 +162,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     resume_from, meta, skipped = _restore_dir(workdir)
     cache = Path(ctx.pretrain_cache)
     planned = override(cfg, {"pretrain.checkpoint": cache_path(cfg, cache)}) if needs_pretrain(cfg) else cfg
+    planned = pretrained_config(planned)  # a given EDM/EDM2 pickle brings its network: log that one
     tags = {schema.axis_tag(p): str(v) for p, v in swept.items()}
     tags[schema.NODE_ID] = node_id
     tracker = tracking.TrialTracker(

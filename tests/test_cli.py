@@ -17,7 +17,7 @@ TINY = {
     "base": {"iterations": 20, "network": {"model_channels": 8}},
     "search": {"seed": {"grid": [0, 1]}},
 }
-COMMANDS = ["run", "resume", "status", "validate", "sample", "ui", "export", "report", "scaling"]
+COMMANDS = ["run", "resume", "status", "validate", "sample", "ui", "export", "report", "scaling", "import-edm"]
 
 
 def invoke(*args: str) -> object:

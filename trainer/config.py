@@ -36,16 +36,32 @@ class DataConfig(_Strict):
     on_device: bool = True  # keep the whole dataset as one tensor on the training device
 
 
-class NetworkConfig(_Strict):
-    """EDM-style U-Net (DDPM++ flavour) size knobs."""
+Arch = Literal["compact", "ddpmpp", "ncsnpp", "adm", "edm2"]
 
+
+class NetworkConfig(_Strict):
+    """The denoiser network: `arch` picks it, the rest are its size knobs.
+
+    compact = this project's small DDPM++-style U-Net (the default); ddpmpp / ncsnpp = EDM's
+    `SongUNet` in those presets; adm = EDM's `DhariwalUNet`; edm2 = EDM2's magnitude-preserving
+    U-Net. The original-architecture nets take published checkpoints (`trainer.edm_pickle`).
+    """
+
+    arch: Arch = "compact"
     model_channels: int = Field(32, gt=0, le=16384)  # base width
     channel_mult: list[int] = Field(default_factory=lambda: [1, 2])
     num_blocks: int = Field(2, gt=0, le=256)  # residual blocks per resolution
     attn_resolutions: list[int] = Field(default_factory=list)  # resolutions with self-attention
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    embedding: Literal["positional", "fourier"] = "positional"
-    # EDM2 (arch: edm2): the magnitude-preserving U-Net's knobs (Karras et al. 2024); other networks ignore them.
+    embedding: Literal["positional", "fourier"] | None = None  # None = the arch's (fourier for ncsnpp)
+    # EDM SongUNet / DhariwalUNet (arch: ddpmpp, ncsnpp, adm); None = the preset's value.
+    encoder_type: Literal["standard", "skip", "residual"] | None = None  # standard DDPM++, residual NCSN++
+    decoder_type: Literal["standard", "skip"] | None = None  # standard for both presets
+    resample_filter: list[int] | None = None  # [1, 1] DDPM++, [1, 3, 3, 1] NCSN++
+    augment_dim: int = Field(0, ge=0, le=1024)  # augmentation-label input (9 in EDM's CIFAR-10 nets; fed zeros)
+    label_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # class-label dropout inside the original EDM nets
+    # EDM2 (arch: edm2): the magnitude-preserving U-Net's knobs (Karras et al. 2024); other networks ignore them,
+    # except the two widths, which EDM's nets share (None there: emb 4; noise 1 for DDPM++/ADM, 2 for NCSN++).
     channel_mult_noise: int | None = Field(None, gt=0, le=64)  # noise-emb. width / channels; None = channel_mult[0]
     channel_mult_emb: int | None = Field(None, gt=0, le=64)  # emb. width / model_channels; None = max(channel_mult)
     channels_per_head: int = Field(64, gt=0, le=16384)  # attention head width
@@ -61,6 +77,13 @@ class NetworkConfig(_Strict):
     def _positive_mults(cls, v: list[int]) -> list[int]:
         if not v or len(v) > 16 or any(not 0 < m <= 64 for m in v):
             raise ValueError("must be a list of 1 to 16 integers in 1..64")
+        return v
+
+    @field_validator("resample_filter")
+    @classmethod
+    def _filter_taps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not 0 < len(v) <= 8 or any(not 0 < t <= 1024 for t in v)):
+            raise ValueError("must be a list of 1 to 8 filter taps in 1..1024, e.g. [1, 1] or [1, 3, 3, 1]")
         return v
 
     @field_validator("attn_resolutions")

@@ -267,14 +267,19 @@ def same_dropout(net: nn.Module) -> Iterator[DropoutTape]:
         net.tape = None
 
 
-def build_network(cfg: NetworkConfig, resolution: int, channels: int, num_classes: int) -> UNet:
-    """The U-Net of `cfg` for images channels x resolution x resolution (num_classes 0 = unconditional)."""
+def build_network(cfg: NetworkConfig, resolution: int, channels: int, num_classes: int) -> nn.Module:
+    """The network of `cfg` for images channels x resolution x resolution (num_classes 0 = unconditional):
+    the compact U-Net, or an original-architecture net in its `EdmNet` adapter (`network.arch`)."""
     levels = len(cfg.channel_mult)
     if resolution % (1 << (levels - 1)) or (resolution >> (levels - 1)) < 2:
         raise ConfigError(
             f"network.channel_mult: {levels} levels need a resolution divisible by {1 << (levels - 1)} "
             f"leaving at least 2x2 at the bottom; data resolution is {resolution}"
         )
+    if cfg.arch != "compact":
+        from trainer.arch import build_arch  # the original-architecture nets build on this module's layers
+
+        return build_arch(cfg, resolution=resolution, channels=channels, num_classes=num_classes)
     return UNet(
         img_resolution=resolution,
         in_channels=channels,
@@ -284,7 +289,7 @@ def build_network(cfg: NetworkConfig, resolution: int, channels: int, num_classe
         attn_resolutions=tuple(cfg.attn_resolutions),
         dropout=cfg.dropout,
         num_classes=num_classes,
-        embedding=cfg.embedding,
+        embedding=cfg.embedding or "positional",
     )
 
 
@@ -293,7 +298,7 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def forward_flops(net: UNet, batch_size: int = 1) -> int:
+def forward_flops(net: nn.Module, batch_size: int = 1) -> int:
     """FLOPs of one forward pass at `batch_size` (torch.utils.flop_counter; a multiply-add = 2).
 
     Counted on a meta-device copy: no compute, the network itself is untouched.

@@ -21,6 +21,7 @@ from trainer.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset, dataset_std, load_dataset
 from trainer.distributed import World, broadcast_module, current_world, local_device
+from trainer.edm_pickle import is_edm_pickle, load_pretrained_pickle, pretrained_config
 from trainer.ema import Ema
 from trainer.errors import CheckpointError, ConfigError, DivergenceError
 from trainer.fingerprint import needs_pretrain
@@ -169,7 +170,9 @@ def pretrain(cfg: TrainConfig, path: Path, reporter: Reporter | None = None) -> 
 
 
 def load_pretrained(model: ConsistencyModel, path: Path) -> None:
-    """Initialise the model from a pretrain checkpoint (EMA weights of phase one)."""
+    """Initialise the model from a pretrain checkpoint (EMA weights of phase one) or an EDM/EDM2 pickle."""
+    if is_edm_pickle(path):
+        return load_pretrained_pickle(model, path)
     state = load_checkpoint(path, next(model.parameters()).device)
     try:
         model.load_state_dict(state["model"])
@@ -228,6 +231,7 @@ def _check_world(cfg: TrainConfig, world: World, pretraining: bool) -> None:
 
 def _start(cfg: TrainConfig, reporter: Reporter | None, resume_from: Path | None) -> Run:
     """Seed, device, data, the model (from phase one unless resuming), optimiser, EMA; restore a checkpoint."""
+    cfg = pretrained_config(cfg)  # an EDM/EDM2 pickle as pretrain.checkpoint brings its network
     out_dir, world = Path(cfg.out_dir).absolute(), current_world()
     tuning = cfg.method != "edm"
     _check_world(cfg, world, needs_pretrain(cfg))
