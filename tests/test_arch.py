@@ -78,7 +78,7 @@ def test_dropout_tape_replays_the_same_masks(arch: str) -> None:
     x, t = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.full((4,), 1.5)
     cfg = LossConfig(distance="l2", weighting="snrpk")
     torch.manual_seed(0)
-    assert consistency_loss(model, x, None, t, t, cfg, "ect", replay_dropout=True).loss.item() == 0.0
+    assert consistency_loss(model, x, None, t, t, cfg=cfg, method="ect", replay_dropout=True).loss.item() == 0.0
 
     start = {k: v.clone() for k, v in model.state_dict().items()}  # EDM2 re-normalises its weights in place
 
@@ -86,7 +86,7 @@ def test_dropout_tape_replays_the_same_masks(arch: str) -> None:
         model.load_state_dict(start)
         model.zero_grad()
         torch.manual_seed(3)
-        out = consistency_loss(model, x, None, t, t * 0.5, LossConfig(), "ect", replay_dropout=replay)
+        out = consistency_loss(model, x, None, t, t * 0.5, cfg=LossConfig(), method="ect", replay_dropout=replay)
         out.loss.backward()
         return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
