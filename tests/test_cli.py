@@ -94,3 +94,15 @@ def test_run_refuses_unreachable_tracking_server(project: Path, tmp_path: Path) 
     line = one_error_line(invoke("run", str(write_spec(tmp_path)), "--tracking-uri", uri))
     assert f"tracking_uri {uri}: MLflow server not reachable" in line
     assert not (project / "ray_results").exists()
+
+
+def test_version_short_help_and_completion() -> None:
+    from importlib.metadata import version
+
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.output.strip() == f"sct-sweep {version('sct-sweeps')}"
+    for args in (["-h"], ["--help"], ["status", "-h"], ["run", "-h"]):
+        res = invoke(*args)
+        assert res.exit_code == 0 and "Usage:" in res.output, args
+    res = invoke("--help")
+    assert "--install-completion" in res.output and "--show-completion" in res.output
