@@ -6,14 +6,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -28,45 +27,12 @@ from trainer.fingerprint import needs_pretrain
 from trainer.loss import edm_loss, replays_dropout
 from trainer.networks import build_network, count_parameters
 from trainer.precond import ConsistencyModel
+from trainer.reporting import JsonlReporter, Reporter, SilentReporter
 from trainer.runtime import autocast, configure_backend, resolve_device
 from trainer.schedule import phase_edges, stage
 from trainer.step import LossStats, TrainState, draw_batch, make_optimizer, train_step, training_labels
 
 log = logging.getLogger(__name__)
-
-
-class Reporter(Protocol):
-    """Where metrics, checkpoints and artifacts go (Ray Tune + MLflow in a sweep, a log file alone)."""
-
-    def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None: ...
-
-    def log_artifact(self, path: Path) -> None: ...
-
-
-class SilentReporter:
-    """The reporter of a data-parallel rank other than 0: only rank 0 reports and checkpoints."""
-
-    def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None:
-        pass
-
-    def log_artifact(self, path: Path) -> None:
-        pass
-
-
-class JsonlReporter:
-    """Default reporter: appends metrics to `<out_dir>/metrics.jsonl` and logs them."""
-
-    def __init__(self, out_dir: Path):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        log.info("step %d %s", step, {k: round(float(v), 4) for k, v in metrics.items()})
-
-    def log_artifact(self, path: Path) -> None:
-        log.info("artifact %s", path)
 
 
 @dataclass

@@ -70,49 +70,13 @@ class SongUNet(nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cout = model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels, cout, kernel=3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
-                if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True,
-                                                               resample_filter=resample_filter)
-                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
-                if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        caux, cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init
-                    )
-                    caux = cout
-            for i in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{i}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        self.enc, cout = _encoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks,
+                                  attn_resolutions, encoder_type=encoder_type, block=block, init=init,
+                                  resample_filter=resample_filter)
         skips = [blk.out_channels for name, blk in self.enc.items() if "aux" not in name]
-
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for i in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = i == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{i}"] = UNetBlock(cin, cout, attention=attn, **block)
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
-                                                             resample_filter=resample_filter)
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+        self.dec = _decoder(img_resolution, cout, skips, out_channels, model_channels, channel_mult, num_blocks,
+                            attn_resolutions, decoder_type=decoder_type, block=block, init_zero=init_zero,
+                            resample_filter=resample_filter)
 
     def _embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                augment_labels: torch.Tensor | None) -> torch.Tensor:
@@ -156,3 +120,61 @@ class SongUNet(nn.Module):
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = blk(x, emb, self.tape)
         return out
+
+
+
+def _encoder(
+    img_resolution: int, in_channels: int, model_channels: int, channel_mult: Sequence[int], num_blocks: int,
+    attn_resolutions: Sequence[int], *, encoder_type: str, block: dict, init: dict, resample_filter: Sequence[int],
+) -> tuple[nn.ModuleDict, int]:
+    """SongUNet's encoder (EDM's module names) and its output channels: per level a down block (below the
+    top level) with the `skip` / `residual` encoders' auxiliary paths, then `num_blocks` blocks."""
+    enc = nn.ModuleDict()
+    cout = caux = in_channels
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if level == 0:
+            cout = model_channels
+            enc[f"{res}x{res}_conv"] = Conv2d(in_channels, cout, kernel=3, **init)
+        else:
+            enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+            if encoder_type == "skip":
+                enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter)
+                enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
+            if encoder_type == "residual":
+                enc[f"{res}x{res}_aux_residual"] = Conv2d(
+                    caux, cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init
+                )
+                caux = cout
+        for i in range(num_blocks):
+            cin, cout = cout, model_channels * mult
+            enc[f"{res}x{res}_block{i}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+    return enc, cout
+
+
+def _decoder(
+    img_resolution: int, cout: int, skips: list[int], out_channels: int, model_channels: int,
+    channel_mult: Sequence[int], num_blocks: int, attn_resolutions: Sequence[int], *, decoder_type: str,
+    block: dict, init_zero: dict, resample_filter: Sequence[int],
+) -> nn.ModuleDict:
+    """SongUNet's decoder (EDM's module names): per level from the bottom, the middle pair or an up block,
+    `num_blocks + 1` blocks fed by the encoder's skips, and the output head(s) of the `skip` decoder."""
+    dec = nn.ModuleDict()
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        res = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+            dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+        else:
+            dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+        for i in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), model_channels * mult
+            attn = i == num_blocks and res in attn_resolutions
+            dec[f"{res}x{res}_block{i}"] = UNetBlock(cin, cout, attention=attn, **block)
+        if decoder_type == "skip" or level == 0:
+            if decoder_type == "skip" and level < len(channel_mult) - 1:
+                dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
+                                                    resample_filter=resample_filter)
+            dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
+            dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+    return dec
