@@ -142,6 +142,16 @@ def _final_checkpoint(trial_dir: Path, iterations: int) -> Path | None:
     return None
 
 
+TRAINER_DIR = "trainer_out"  # <results>/<sweep>/trainer_out/<trial id>: the trainer's own files of each trial
+
+
+def trainer_dir(ctx: SweepContext, trial_id: str) -> Path:
+    """Where a trial's trainer writes (its pruned checkpoints, sample grids) and restores Ray's checkpoint:
+    in the sweep's storage, outside Ray's trial directory — whose whole content Ray copies to storage, so
+    the trainer's pruning would not reach the copies (every checkpoint of a trial piled up there)."""
+    return Path(ctx.results_dir) / TRAINER_DIR / trial_id
+
+
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     """Ray Tune function trainable: train one TrainConfig, logging to its one MLflow child run."""
     import ray
@@ -155,7 +165,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     tracking.fail_fast_http()
     spec = ctx.spec
     trial_id = tune.get_context().get_trial_id()
-    workdir = Path(tune.get_context().get_trial_dir()).resolve()
+    workdir = trainer_dir(ctx, trial_id)
     swept = swept_values(spec, config)
     cfg = override(trial_config(spec, config), {"out_dir": workdir / "out"})
     node_id = ray.get_runtime_context().get_node_id()
@@ -209,6 +219,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         message = f"{type(e).__name__}: {e}".strip().splitlines()[0]
         tracker.finish("FAILED", error=message, details=traceback.format_exc())
         raise
+    shutil.rmtree(workdir / "resume", ignore_errors=True)  # Ray's checkpoint, copied here to resume from
     lost = tracker.finish("FINISHED")
     if lost:
         log.error("trial %s finished, but %d MLflow entries were not delivered (see above)", trial_id, lost)
