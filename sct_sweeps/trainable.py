@@ -22,6 +22,7 @@ from sct_sweeps import schema, tracking
 from sct_sweeps.config import SweepSpec
 from sct_sweeps.pretrain import cache_path, with_pretrain
 from sct_sweeps.space import run_name, swept_values, trial_config
+from sct_sweeps.stores import is_local
 from trainer.config import override
 from trainer.fingerprint import needs_pretrain
 
@@ -155,7 +156,7 @@ def _record_checkpoint(tracker: tracking.TrialTracker, ckpt: Path | None) -> Non
         log.warning("trial %s: no final checkpoint to record", tracker.trial_id)
         return
     tracker.set_tag(schema.CHECKPOINT, str(ckpt))
-    if not tracking.is_local(tracker.uri):
+    if not is_local(tracker.uri):
         tracker.log_artifact(Path(ckpt) / "state.pt", schema.CHECKPOINT_DIR)
 
 
