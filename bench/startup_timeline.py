@@ -71,7 +71,7 @@ def _timeline(iterations: int) -> dict[str, Any]:
     runs = client.search_runs([rec.experiment_id], filter_string=f"tags.`{schema.PARENT}` = '{rec.parent_run_id}'")
     setup, first = [], []
     for run in runs:
-        setup.append(min(m.timestamp for m in client.get_metric_history(run.info.run_id, "params")) / 1e3 - t0)
+        setup.append(min(m.timestamp for m in client.get_metric_history(run.info.run_id, "n_params")) / 1e3 - t0)
         first.append(min(m.timestamp for m in client.get_metric_history(run.info.run_id, "loss")) / 1e3 - t0)
     born = {}  # role -> birth times
     for (_, start), name in monitor.names.items():

@@ -21,7 +21,8 @@ from sct_sweeps import schema
 
 log = logging.getLogger(__name__)
 
-BASE_COLUMNS = ("trial_id", "run_id", "step")
+DEFAULT_UI = "http://127.0.0.1:5000"  # `sct-sweep ui` over a local (SQLite) store
+BASE_COLUMNS = ("trial_id", "run_name", "run_id", "step")
 
 
 class ResultsError(DashboardError, LookupError):
@@ -38,6 +39,7 @@ class Trial:
     params: dict[str, str]
     axes: dict[str, object]
     final: dict[str, float]
+    run_name: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -75,6 +77,16 @@ class SweepResults:
         raise ResultsError(f"sweep {self.sweep}: no trial {trial_id}")
 
 
+def ui_base(tracking_uri: str) -> str:
+    """Where a browser finds the store's MLflow UI: the server itself, else `sct-sweep ui`'s default address."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of one run."""
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def parse_value(text: str | None) -> object:
     """A logged string back to bool / int / float / None where it is one, else the string."""
     if text is None or text == "None":
@@ -97,7 +109,7 @@ def typed_column(values: list[str | None]) -> list[object]:
         return parsed
     if present and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in present):
         return [math.nan if p is None else p for p in parsed]
-    return [None if v is None else str(v) for v in values]
+    return [None if p is None else str(v) for v, p in zip(values, parsed, strict=True)]  # "None" is a null
 
 
 @contextmanager
@@ -189,9 +201,10 @@ def load_sweep(tracking_uri: str, sweep: str) -> SweepResults:
         axes = {k.removeprefix(schema.AXIS_PREFIX): parse_value(v) for k, v in sorted(tags.items())
                 if k.startswith(schema.AXIS_PREFIX)}
         trials.append(Trial(trial_id=tid, run_id=r.info.run_id, status=r.info.status, params=dict(r.data.params),
-                            axes=axes, final=dict(r.data.metrics)))
+                            axes=axes, final=dict(r.data.metrics), run_name=r.info.run_name or None))
         h = _metric_history(client, r.info.run_id, sorted(r.data.metrics))
         h.insert(0, "run_id", r.info.run_id)
+        h.insert(0, "run_name", r.info.run_name or None)
         h.insert(0, "trial_id", tid)
         frames.append(h)
     if len({t.trial_id for t in trials}) != len(trials):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import textwrap
-from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -123,47 +123,80 @@ def seed_curves(res: SweepResults) -> pd.DataFrame:
     return out[out.n == out.group.map(seeds)].reset_index(drop=True)
 
 
-def plot_fid_curves(res: SweepResults, path: Path) -> Path:
-    """FID vs tuning iteration, one colour per trial group; 1-step solid, 2-step dashed, N dotted.
+_LINES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
-    A group of several seeds is drawn as its mean (thick, markers) with a min-max band, and each
-    seed as a thin line."""
+
+@dataclass(frozen=True)
+class CurveStyle:
+    """How one trial group's curve looks: colour by its first swept axis, line and marker by the others."""
+
+    colour_label: str
+    colour: tuple
+    style_label: str
+    ls: str
+    marker: str
+
+
+def curve_styles(res: SweepResults) -> dict[str, CurveStyle]:
+    """Trial group label (as in `seed_curves`) -> its CurveStyle."""
     axes = group_axes(res)
-    labels = {t.trial_id: group_label(t, axes) for t in res.trials}
-    colours = group_colours(list(labels.values()))
-    multi = {g for g, n in Counter(labels.values()).items() if n > 1}  # groups of several seeds
-    fig = Figure(figsize=(10, 5.5), layout="constrained")
-    ax = fig.add_subplot()
-    all_fid = []
-    for tid, g in res.history.groupby("trial_id", sort=True):
-        for k in res.fid_steps:
-            col = schema.fid_metric(k)
-            pts = g[["step", col]].dropna().sort_values("step") if col in g else pd.DataFrame()
-            if pts.empty:
-                continue
-            all_fid.append(pts[col].to_numpy())
-            thin = labels[tid] in multi
-            ax.plot(pts["step"], pts[col], _style(k), marker=None if thin else "o", ms=3, lw=0.7 if thin else 1.5,
-                    color=colours[labels[tid]], alpha=0.35 if thin else 0.9)
+    first, rest = (axes[:1] or res.axis_names[:1]), axes[1:]  # a seeds-only sweep: one colour per seed
+    labels = {group_label(t, axes): (group_label(t, first) if first else t.trial_id, group_label(t, rest)
+                                     if rest else "") for t in res.trials}
+    colours = group_colours([c for c, _ in labels.values()])
+    others = list(dict.fromkeys(r for _, r in labels.values()))
+    return {g: CurveStyle(c, colours[c], r, _LINES[others.index(r) % len(_LINES)],
+                          _MARKERS[others.index(r) % len(_MARKERS)]) for g, (c, r) in labels.items()}
+
+
+def _curve_legends(fig: Figure, res: SweepResults, styles: dict[str, CurveStyle]) -> None:
+    """Every colour (first swept axis) and every line style (the other axes) in the legend."""
+    axes = group_axes(res) or res.axis_names[:1]
+    colours = {s.colour_label: s.colour for s in styles.values()}
+    fig.legend(handles=[Line2D([], [], color=c, lw=2, label=lab) for lab, c in colours.items()],
+               title=f"colour: {axes[0]}" if axes else "trial", fontsize=8, title_fontsize=8,
+               loc="outside right upper", ncols=1 if len(colours) <= 16 else 2)
+    looks = {s.style_label: (s.ls, s.marker) for s in styles.values() if s.style_label}
+    if looks:
+        fig.legend(handles=[Line2D([], [], color="k", ls=ls, marker=m, label=lab) for lab, (ls, m) in looks.items()],
+                   title="line: " + ", ".join(axes[1:]), fontsize=8, title_fontsize=8, loc="outside right lower")
+
+
+def plot_fid_curves(res: SweepResults, path: Path) -> Path:
+    """`fid_curves_figure` as a PNG at `path`."""
+    return _save(fid_curves_figure(res), path)
+
+
+def fid_curves_figure(res: SweepResults) -> Figure:
+    """FID vs tuning iteration, one panel per sampler (1-step, 2-step, ...); colour by the first swept axis,
+    line style by the others; a group of several seeds is drawn as its mean with a min-max band."""
+    styles = curve_styles(res)
     curves = seed_curves(res)
-    for (group, k), c in curves[curves.group.isin(multi)].groupby(["group", "k"]):
-        ax.plot(c["step"], c["mean"], _style(k), marker="o", ms=4, lw=2.2, color=colours[group])
-        ax.fill_between(c["step"], c["min"], c["max"], color=colours[group], alpha=0.12, lw=0)
-    if not all_fid:
-        ax.text(0.5, 0.5, "no FID evaluations logged", ha="center", va="center", transform=ax.transAxes)
-    else:
-        _log_if_wide(ax, "y", np.concatenate(all_fid))
-    ax.set_xlabel("tuning iteration")
-    ax.set_ylabel("FID (EMA weights; lower is better)")
-    seeds = "; mean over seeds, min-max band" if multi else ""
-    ax.set_title(f"{res.sweep}: FID during training ({len(res.trials)} trials{seeds})")
-    ax.grid(True, which="both", alpha=0.3)
-    group_handles = [Line2D([], [], color=c, lw=2, label=g) for g, c in colours.items()]
-    step_handles = [Line2D([], [], color="k", ls=_style(k), label=_steps_label(k)) for k in res.fid_steps]
-    fig.legend(handles=group_handles, title="trial group (seeds share a colour)" if axes else "trial",
-               fontsize=8, title_fontsize=8, loc="outside right upper", ncols=1 if len(colours) <= 16 else 2)
-    fig.legend(handles=step_handles, title="sampler", fontsize=8, title_fontsize=8, loc="outside right lower")
-    return _save(fig, path)
+    steps = res.fid_steps or [1]
+    fig = Figure(figsize=(5.2 * len(steps) + 2.5, 4.8), layout="constrained")
+    shared = None
+    for i, k in enumerate(steps):
+        ax = fig.add_subplot(1, len(steps), i + 1, sharey=shared)
+        shared = shared or ax
+        mine = curves[curves.k == k]
+        for group, c in mine.groupby("group", sort=False):
+            st = styles[group]
+            ax.plot(c["step"], c["mean"], ls=st.ls, marker=st.marker, ms=4, lw=1.8, color=st.colour)
+            if c.n.max() > 1:
+                ax.fill_between(c["step"], c["min"], c["max"], color=st.colour, alpha=0.15, lw=0)
+        if mine.empty:
+            ax.text(0.5, 0.5, f"no {_steps_label(k)} FID logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{_steps_label(k)} sampler")
+        ax.set_xlabel("tuning iteration")
+        ax.grid(True, which="both", alpha=0.3)
+    if len(curves):
+        _log_if_wide(shared, "y", curves[["min", "max"]].to_numpy().ravel())
+    shared.set_ylabel("FID (EMA weights; lower is better)")
+    seeds = "; mean over seeds, min-max band" if len(curves) and curves.n.max() > 1 else ""
+    fig.suptitle(f"{res.sweep}: FID during training ({len(res.trials)} trials{seeds})")
+    _curve_legends(fig, res, styles)
+    return fig
 
 
 def _num(v: float, scale: float) -> str:
@@ -184,7 +217,7 @@ def _fit_text(r: ScalingResult, xname: str) -> str:
 
 
 def _points_label(x: str) -> str:
-    return "each trial's best FID" if x == "params" else "every evaluation of every trial"
+    return "each trial's best FID" if x == "n_params" else "every evaluation of every trial"
 
 
 def plot_scaling(results: Sequence[ScalingResult], path: Path) -> Path:
@@ -192,7 +225,7 @@ def plot_scaling(results: Sequence[ScalingResult], path: Path) -> Path:
     if not results or len({r.x for r in results}) != 1:
         raise ValueError("plot_scaling takes the fits of exactly one cost quantity")
     x = results[0].x
-    xname = {"flops": "C", "images_seen": "D", "params": "N"}.get(x, "x")
+    xname = {"flops": "C", "images_seen": "D", "n_params": "N"}.get(x, "x")
     fig = Figure(figsize=(6.2 * len(results), 6.4), layout="constrained")
     gs = fig.add_gridspec(2, len(results), height_ratios=[5, 1.4])
     for i, r in enumerate(sorted(results, key=lambda r: r.steps)):

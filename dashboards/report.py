@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dashboards import plots
-from dashboards.loader import SweepResults, fetch_sample_grids, load_sweep
+from dashboards.loader import SweepResults, fetch_sample_grids, load_sweep, run_url
 from dashboards.scaling import X_LABELS, ScalingResult, fit_sweep
 from sct_sweeps import schema
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "report"
-COST_COLUMNS = ("images_seen", "flops", "params", "wall_s", "loss")
+COST_COLUMNS = ("images_seen", "flops", "n_params", "wall_s", "loss")
 
 
 @dataclass
@@ -104,13 +104,15 @@ def trials_table(res: SweepResults) -> str:
     online = [schema.fid_metric(k, online=True) for k in res.fid_steps]
     fids = [schema.fid_metric(k) for k in res.fid_steps] + [m for m in online if m in res.metric_names]
     costs = [c for c in COST_COLUMNS if c in res.metric_names]
-    cols = ["trial", "status", *axes, *fids, *costs, "run_id"]
+    cols = ["run", "trial", "status", *axes, *fids, *costs]
     head = "".join(f'<th data-key="{html.escape(c)}">{html.escape(c)}</th>' for c in cols)
     rows = []
     for t in res.trials:
+        link = html.escape(run_url(res.tracking_uri, res.experiment_id, t.run_id))
+        run = f'<td><a href="{link}" title="MLflow run {t.run_id}">{html.escape(t.run_name or t.run_id)}</a></td>'
         vals = [t.trial_id, t.status, *(plots.trial_value(t, a) for a in axes),
-                *(t.final.get(c, math.nan) for c in fids + costs), t.run_id]
-        rows.append("<tr>" + "".join(_cell(v) for v in vals) + "</tr>")
+                *(t.final.get(c, math.nan) for c in fids + costs)]
+        rows.append("<tr>" + run + "".join(_cell(v) for v in vals) + "</tr>")
     return (f'<div class="scroll"><table id="trials" class="sortable"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
 
@@ -172,7 +174,8 @@ def render_html(res: SweepResults, fits: list[ScalingResult], figures: list[tupl
         "<h2>Scaling fits</h2>", "<p>FID(C) = a·C<sup>−b</sup> + c, least squares in log space on the Pareto "
         "frontier; CI: bootstrap over trials.</p>", fits_table(fits),
         "<h2>Figures</h2>", *(_img(t, p) for t, p in figures),
-        "<h2>Trials</h2><p>Final metric values; click a column header to sort.</p>", trials_table(res),
+        "<h2>Trials</h2><p>Final metric values; click a column header to sort, a run name to open its MLflow "
+        "run (<code>sct-sweep ui</code> serves a local store).</p>", trials_table(res),
         "<h2>Sweep spec</h2>", f"<pre>{spec}</pre>",
     ])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(res.sweep)} · '

@@ -21,9 +21,9 @@ from sct_sweeps import schema
 log = logging.getLogger(__name__)
 
 MIN_DISTINCT = 4  # three parameters need at least four distinct compute values
-X_QUANTITIES = ("flops", "images_seen", "params")
+X_QUANTITIES = ("flops", "images_seen", "n_params")
 X_LABELS = {"flops": "training compute C (FLOPs)", "images_seen": "training images seen",
-            "params": "parameter count"}
+            "n_params": "parameter count"}
 
 
 class ScalingError(DashboardError, ValueError):
@@ -233,7 +233,7 @@ def points_by_trial(history: pd.DataFrame, x: str, fid_col: str) -> dict[str, tu
         if fid_col not in g or x not in g or g[x].notna().sum() == 0:
             continue
         known = g[x].notna()
-        if x == "params":  # logged once: constant per trial
+        if x == "n_params":  # logged once: constant per trial
             cost = pd.Series(g.loc[known, x].iloc[-1], index=g.index)
         else:
             cost = pd.Series(_cumulative_at(g["step"], g.loc[known, "step"], g.loc[known, x]), index=g.index)
@@ -257,8 +257,8 @@ def varied_quantities(history: pd.DataFrame) -> list[str]:
         ratio = ok["flops"] / ok["images_seen"].where(ok["images_seen"] > 0) if "flops" in ok else None
         if ratio is None or ratio.dropna().round(6).nunique() > 1:
             out.append("images_seen")
-    if "params" in history and history.groupby("trial_id")["params"].max().nunique() >= MIN_DISTINCT:
-        out.append("params")
+    if "n_params" in history and history.groupby("trial_id")["n_params"].max().nunique() >= MIN_DISTINCT:
+        out.append("n_params")
     return out
 
 
@@ -269,7 +269,7 @@ def fit_sweep(history: pd.DataFrame, fid_steps: Sequence[int], n_boot: int = 200
     for x in varied_quantities(history):
         for k in fid_steps:
             pts = points_by_trial(history, x, schema.fid_metric(k))
-            if x == "params":  # a trial's best FID at its size: one point per trial
+            if x == "n_params":  # a trial's best FID at its size: one point per trial
                 pts = {t: (c[-1:], np.asarray([f.min()])) for t, (c, f) in pts.items()}
             if not pts:
                 continue

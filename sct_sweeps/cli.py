@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sct_sweeps.errors import EXIT_USER_ERROR, user_message
+from sct_sweeps.errors import EXIT_USER_ERROR, SweepError, user_message
 
 app = typer.Typer(
     help="Train, sweep (Ray Tune) and track (MLflow) consistency models trained by SCT / ECT / iCT.",
@@ -219,10 +219,13 @@ def status(
     metric, rows = trial_rows(name, storage)
     saved = state_saved_at(name, storage)
     age = "" if saved is None else f"states saved by the driver {time.time() - saved:.0f} s ago"
-    table = Table("trial", "state", "node", "iteration", f"best {metric}", "last error", title=f"sweep {name}",
-                  caption=age)  # fmt: skip
-    for row in rows:
-        table.add_row(*row)
+    table = Table(title=f"sweep {name}", caption=age, show_lines=True)
+    table.add_column("run / trial / swept values", overflow="fold", min_width=22)
+    table.add_column("state", no_wrap=True)
+    for head in ("node", "iter", f"best {metric}", "last error"):
+        table.add_column(head, overflow="fold")
+    for trial, run_name, swept, *rest in rows:
+        table.add_row(f"{run_name}\n{trial}\n{swept}", *rest)
     out.print(table)
 
 
@@ -248,7 +251,9 @@ def validate(
 @app.command()
 @_user_errors
 def sample(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file or directory holding state.pt."),
+    checkpoint: str = typer.Argument(
+        ..., help="Checkpoint file, directory holding state.pt, or a trial's MLflow run name or run id."
+    ),
     steps: int = typer.Option(1, "--steps", min=1, help="Sampler steps (1, 2, or N)."),
     eta: float | None = typer.Option(None, "--eta", min=0.0, max=1.0, help="Edge-skipping eta (N-step)."),
     cfg_strength: float = typer.Option(1.0, "--cfg", min=0.0, help="Guidance strength w (1 = none)."),
@@ -256,12 +261,18 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out_path: Path = typer.Option(Path("grid.png"), "--out", help="Output PNG grid."),
+    tracking_uri: str | None = TRACKING,
 ) -> None:
-    """Draw a grid of samples from a trained checkpoint (EMA weights)."""
-    from sct_sweeps.sampling import sample_grid
+    """Draw a grid of samples from a trained checkpoint (EMA weights), given by path or by MLflow run."""
+    from sct_sweeps.sampling import resolve_checkpoint, sample_grid
+    from sct_sweeps.stores import resolve_stores
+    from sct_sweeps.tracking import sqlite_path
 
-    path = sample_grid(checkpoint, steps=steps, eta=eta, strength=cfg_strength, n=n, seed=seed, device=device,
-                       out=out_path)  # fmt: skip
+    stores = resolve_stores(tracking_uri=tracking_uri)
+    db = sqlite_path(stores.tracking_uri)
+    uri = stores.tracking_uri if tracking_uri or (db is not None and db.is_file()) else None
+    path = sample_grid(resolve_checkpoint(checkpoint, uri), steps=steps, eta=eta, strength=cfg_strength, n=n,
+                       seed=seed, device=device, out=out_path)  # fmt: skip
     out.print(f"wrote {path}")
 
 
@@ -281,25 +292,56 @@ def import_edm(
     out.print(f"wrote {out_file}")
 
 
+def _sweep_pages(mlflow_client: Any, base: str, name: str | None) -> list[str]:
+    """`<sweep>: <runs page URL>` for sweep `name`, or for every experiment of the store (the `/runs` page: a
+    bare experiment URL opens MLflow 3's GenAI overview)."""
+    from sct_sweeps.errors import SweepNotFoundError
+
+    if name is not None:
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            raise SweepNotFoundError(f"{name}: no MLflow experiment of that name in this store")
+        exps = [exp]
+    else:
+        exps = [e for e in mlflow_client.search_experiments() if e.name != "Default"]
+    return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs" for e in exps]
+
+
 @app.command()
 @_user_errors
 def ui(
+    name: str | None = typer.Argument(None, help="Sweep whose runs page to print (default: every sweep)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1 = this machine only)."),
     port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port."),
     tracking_uri: str | None = TRACKING,
 ) -> None:
-    """MLflow UI over the project's store (Ctrl-C stops it)."""
+    """MLflow UI over the project's store (Ctrl-C stops it); prints each sweep's runs page."""
+    from sct_sweeps import tracking
     from sct_sweeps.stores import resolve_stores
 
     stores = resolve_stores(tracking_uri=tracking_uri)
     uri = stores.tracking_uri
-    if uri.startswith(("http://", "https://")):
+    served = uri.startswith(("http://", "https://"))
+    if served:
         out.print(f"the store is a tracking server already: open {uri}")
+    else:
+        stores.check_tracking_dir()
+    mlflow_client = tracking.client(uri)  # a new SQLite store: created and migrated under its lock, before the server
+    if served:
+        tracking.fail_fast_http()
+        try:
+            pages = _sweep_pages(mlflow_client, uri.rstrip("/"), name)
+        except SweepError:
+            raise
+        except Exception as e:  # the server does not answer: say so, the address stands
+            pages = []
+            err.print(f"warning: {uri} did not list its experiments ({type(e).__name__})")
+    else:
+        pages = _sweep_pages(mlflow_client, f"http://{host}:{port}", name)
+    for line in pages:
+        out.print(f"  {line}", soft_wrap=True)
+    if served:
         return
-    stores.check_tracking_dir()
-    from sct_sweeps import tracking
-
-    tracking.client(uri)  # create (and migrate) a new store under its lock before the server opens it
     art = stores.artifact_root
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--default-artifact-root",
            str(art), "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip

@@ -67,7 +67,7 @@ def _open_store(stores: Stores, spec: SweepSpec) -> tuple[Any, str]:
     uri = stores.tracking_uri
     try:
         client = tracking.client(uri)
-        exp_id = tracking.ensure_experiment(client, spec.name, stores.artifact_root)
+        exp_id = tracking.ensure_experiment(client, spec.name, stores.artifact_root, spec.description)
     except Exception as e:
         raise TrackingError(f"tracking_uri {uri}: MLflow store not usable ({str(e).splitlines()[0][:200]})") from None
     return client, exp_id
@@ -313,7 +313,8 @@ def run_sweep(spec: SweepSpec, *, uri: str | None = None, launch: Launch = Launc
         text = spec_yaml(spec)
         params = _parent_params(spec, resources, launch.address)
         parent = tracking.start_parent_run(
-            client, experiment_id=exp_id, sweep=spec.name, params=params, spec_text=text, repo=stores.project
+            client, experiment_id=exp_id, sweep=spec.name, params=params, spec_text=text, repo=stores.project,
+            description=spec.description,
         )
         record = SweepRecord(
             name=spec.name,

@@ -2,9 +2,10 @@
 
 One experiment per sweep; a parent run tagged ``sct.sweep=<name>``, ``sct.role=parent`` with
 artifact ``spec.yaml``; one child run per trial tagged ``mlflow.parentRunId``, ``sct.role=trial``,
-``sct.trial_id`` and ``sct.axis.<path>=<value>``, params = the flattened TrainConfig, metrics
-logged with step = iteration (names from the trainer's Reporter, docs/architecture.md), sample
-grids under ``samples/``. Dependency-free: `dashboards` imports it without Ray or MLflow.
+``sct.trial_id``, ``sct.axis.<path>=<value>`` and ``sct.path.<path>`` (filesystem settings), params =
+the flattened TrainConfig less its paths, metrics logged with step = iteration (names from the
+trainer's Reporter, docs/architecture.md), artifact ``config.yaml``, sample grids under ``samples/``
+and as stepped MLflow images. Dependency-free: `dashboards` imports it without Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ RESUMED_FROM = "sct.resumed_from"  # iteration of the checkpoint it resumed from
 SKIPPED_CHECKPOINTS = "sct.skipped_checkpoints"  # unusable checkpoints passed over on resume
 STOPPED = "sct.stopped"  # stopped early by the scheduler
 ORPHANED = "sct.orphaned"  # why the run was deleted (its trial was lost with the driver)
+PATH_PREFIX = "sct.path."  # + dotted TrainConfig path: a filesystem setting (a tag, not a param: machine-specific)
+CHECKPOINT = "sct.checkpoint"  # the trial's final checkpoint directory (holds state.pt)
+
+# -- tags of the experiment and the parent run ----------------------------------------------------
+NOTE = "mlflow.note.content"  # the description MLflow shows on an experiment's or a run's page
 
 # -- tags of the parent run -----------------------------------------------------------------------
 FAILED_TRIALS = "sct.failed_trials"
@@ -37,7 +43,9 @@ SCALING_PREFIX = "sct."  # + scaling_{k}step[_{x}]: "ok" or why a fit failed
 # -- artifacts ------------------------------------------------------------------------------------
 SPEC_ARTIFACT = "spec.yaml"  # parent run: the validated sweep spec
 ERROR_ARTIFACT = "error.txt"  # trial run: the traceback of its failure
-SAMPLES_DIR = "samples"  # trial run: grid_{k}step_it{iteration}.png
+SAMPLES_DIR = "samples"  # trial run: grid_{k}step_it{iteration}.png (also MLflow images samples_{k}step)
+CONFIG_ARTIFACT = "config.yaml"  # trial run: its resolved TrainConfig
+CHECKPOINT_DIR = "checkpoint"  # trial run on a tracking server: the final state.pt
 GRID_RE = re.compile(r"grid_(\d+)step(?:_it(\d+))?\.png$")
 
 # -- metrics (the trainer's Reporter names) -------------------------------------------------------

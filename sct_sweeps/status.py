@@ -12,8 +12,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sct_sweeps.config import SweepSpec
 from sct_sweeps.errors import SweepNotFoundError
 from sct_sweeps.record import SweepRecord, list_sweeps, load_record
+from sct_sweeps.space import run_name, swept_values, trial_config
 from sct_sweeps.stores import resolve_stores
 
 
@@ -76,8 +78,16 @@ def _last_error(trial: Any) -> str:
     return lines[-1][:80] if lines else ""
 
 
+def trial_identity(spec: SweepSpec, config: dict[str, Any]) -> tuple[str, str]:
+    """A trial's MLflow run name and its swept values (`seed=0, sct.ref_batch=all`) from its Ray config."""
+    swept = swept_values(spec, config)
+    text = ", ".join(f"{p}={v:.3g}" if isinstance(v, float) else f"{p}={v}" for p, v in swept.items())
+    return run_name(trial_config(spec, config), swept), text
+
+
 def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[str, ...]]]:
-    """(metric, rows of trial id, state, node, iteration, best metric so far, last error line)."""
+    """(metric, rows of trial id, run name, swept values, state, node, iteration, best metric so far,
+    last error line)."""
     record = _record(name, storage)
     spec = record.spec
     analysis = stored_analysis(record.results_dir)
@@ -95,6 +105,7 @@ def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[
         rows.append(
             (
                 t.trial_id,
+                *trial_identity(spec, t.config or {}),
                 state,
                 node,
                 "-" if it is None else str(int(it)),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sct_sweeps import schema
+from sct_sweeps.config import PATH_FIELDS
 from sct_sweeps.errors import TrackingError
 from sct_sweeps.locks import file_lock
 from trainer.config import TrainConfig
@@ -79,15 +80,20 @@ def fail_fast_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def ensure_experiment(mlflow_client: Any, name: str, artifact_root: Path | None) -> str:
-    """The id of experiment `name`, created (or restored from deleted) once, in the driver."""
+def ensure_experiment(mlflow_client: Any, name: str, artifact_root: Path | None, description: str = "") -> str:
+    """The id of experiment `name`, created (or restored from deleted) once, in the driver; `description`
+    becomes its note (tag ``mlflow.note.content``)."""
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             mlflow_client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    location = (artifact_root / name).as_uri() if artifact_root is not None else None
-    return mlflow_client.create_experiment(name, artifact_location=location)
+        exp_id = exp.experiment_id
+    else:
+        location = (artifact_root / name).as_uri() if artifact_root is not None else None
+        exp_id = mlflow_client.create_experiment(name, artifact_location=location)
+    if description:
+        mlflow_client.set_experiment_tag(exp_id, schema.NOTE, description)
+    return exp_id
 
 
 def git_commit(repo: Path) -> str | None:
@@ -101,25 +107,42 @@ def git_commit(repo: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def flatten(cfg: TrainConfig) -> dict[str, str]:
-    """Every TrainConfig setting as a dotted key -> string value (MLflow params)."""
-    out: dict[str, str] = {}
+def flatten(cfg: TrainConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """Every TrainConfig setting as dotted key -> string: (params, path tags). Paths differ from machine to
+    machine, so they are tags ``sct.path.<key>`` (unset ones left out), and MLflow's Compare shows real diffs."""
+    params: dict[str, str] = {}
+    paths = set(PATH_FIELDS)
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = "None" if node is None else str(node)
+        elif prefix not in paths:
+            params[prefix] = "None" if node is None else str(node)
 
-    walk("", cfg.model_dump(mode="json"))
-    return out
+    dumped = cfg.model_dump(mode="json")
+    walk("", dumped)
+    tags = {}
+    for key in sorted(paths):
+        node: Any = dumped
+        for part in key.split("."):
+            node = node[part]
+        if node is not None:
+            tags[schema.PATH_PREFIX + key] = str(node)
+    return params, tags
 
 
 def start_parent_run(
-    mlflow_client: Any, experiment_id: str, sweep: str, params: Mapping[str, Any], spec_text: str, repo: Path
+    mlflow_client: Any,
+    experiment_id: str,
+    sweep: str,
+    params: Mapping[str, Any],
+    spec_text: str,
+    repo: Path,
+    description: str = "",
 ) -> str:
-    """Open the sweep's parent run with its tags, settings as params and `spec.yaml` as artifact."""
+    """Open the sweep's parent run with its tags (the description as its note), settings as params and
+    `spec.yaml` as artifact."""
     from mlflow.entities import Param
 
     tags = {
@@ -128,6 +151,8 @@ def start_parent_run(
         "mlflow.source.type": "PROJECT",
         "mlflow.source.name": "sct-sweep",
     }
+    if description:
+        tags[schema.NOTE] = description
     commit = git_commit(repo)
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -189,7 +214,7 @@ class TrialTracker:
         self._connected = False
         self._metrics: list[Any] = []  # mlflow.entities.Metric waiting to be sent
         self._late_tags: dict[str, str] = {}
-        self._artifacts: list[tuple[Path, str | None]] = []
+        self._artifacts: list[tuple[Path, str | None, int | None]] = []  # (file, folder or image key, image step)
         self._last_step: dict[str, int] = {}
         self.flush_every_s = flush_every_s
         self._due = 0.0  # when waiting metrics are sent next: flush_every_s after the last send
@@ -285,17 +310,27 @@ class TrialTracker:
         self._late_tags[key] = str(value)[:8000]
         self.flush()
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Queue a copy of the file at `path` (taken now: the trainer may overwrite it later)."""
+    def _stage(self, path: Path) -> Path | None:
+        """A copy of the file at `path`, taken now (the trainer may overwrite it later); None if absent."""
         path = Path(path)
         if not path.is_file():
             log.warning("artifact %s does not exist; skipped", path)
-            return
-        dest = self._staging / f"{len(self._artifacts):05d}" / path.name
-        dest.parent.mkdir(parents=True)
+            return None
+        dest = Path(tempfile.mkdtemp(dir=self._staging)) / path.name  # own folder: removed once sent
         shutil.copy2(path, dest)
-        self._artifacts.append((dest, artifact_path))
-        self.flush()
+        return dest
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Queue a copy of the file at `path` as an artifact under `artifact_path`."""
+        if (dest := self._stage(path)) is not None:
+            self._artifacts.append((dest, artifact_path, None))
+            self.flush()
+
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """Queue the PNG at `path` as MLflow image `key` at `step` (the run page's step slider)."""
+        if (dest := self._stage(path)) is not None:
+            self._artifacts.append((dest, key, int(step)))
+            self.flush()
 
     def _fresh(self, pending: list[Any]) -> list[Any]:
         """Drop entries at a step the run already has for that key (resume, or a repeated report)."""
@@ -332,8 +367,14 @@ class TrialTracker:
             self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._late_tags.items()])
             self._late_tags.clear()
         while self._artifacts:
-            path, artifact_path = self._artifacts[0]
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+            path, artifact_path, step = self._artifacts[0]
+            if step is None:
+                self._client.log_artifact(self.run_id, str(path), artifact_path)
+            else:
+                from PIL import Image
+
+                with Image.open(path) as image:
+                    self._client.log_image(self.run_id, image.copy(), key=artifact_path, step=step)
             self._artifacts.pop(0)
             shutil.rmtree(path.parent, ignore_errors=True)
 
@@ -379,7 +420,7 @@ class TrialTracker:
             self._late_tags[schema.ERROR] = error[:8000]
             err_file = self._staging / schema.ERROR_ARTIFACT
             err_file.write_text(details or error)
-            self._artifacts.append((err_file, None))
+            self._artifacts.append((err_file, None, None))
         deadline = time.monotonic() + finish_wait_s
         while not self.flush(force=True) and time.monotonic() < deadline:
             time.sleep(min(self._backoff, max(0.0, deadline - time.monotonic())))
@@ -406,10 +447,11 @@ class TrialTracker:
                 f.write(json.dumps({**head, "status": status, "tags": self._late_tags}) + "\n")
                 for m in self._metrics:
                     f.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "ts": m.timestamp}) + "\n")
-                for p, artifact_path in self._artifacts:
+                for p, artifact_path, step in self._artifacts:
                     keep.mkdir(exist_ok=True)
                     shutil.copy2(p, keep / p.name)
-                    f.write(json.dumps({"artifact": str(keep / p.name), "artifact_path": artifact_path}) + "\n")
+                    entry = {"artifact": str(keep / p.name), "artifact_path": artifact_path, "image_step": step}
+                    f.write(json.dumps(entry) + "\n")
             where = str(path)
         log.error(
             "MLFLOW DATA LOST for trial %s (run %s): %d metric values, %d tags, %d artifacts not delivered; "

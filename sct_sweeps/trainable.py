@@ -16,10 +16,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from sct_sweeps import schema, tracking
 from sct_sweeps.config import SweepSpec
 from sct_sweeps.pretrain import cache_path, with_pretrain
 from sct_sweeps.space import run_name, swept_values, trial_config
+from sct_sweeps.stores import is_local
 from trainer.config import override
 from trainer.fingerprint import needs_pretrain
 
@@ -80,8 +83,12 @@ class TuneReporter:
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
 
     def log_artifact(self, path: Path) -> None:
-        """Sample grids and other files: to the trial's MLflow run."""
-        self.tracker.log_artifact(Path(path), schema.SAMPLES_DIR if Path(path).suffix == ".png" else None)
+        """Sample grids and other files: to the trial's MLflow run; a grid `grid_<k>step_it<n>.png` also as
+        MLflow image `samples_<k>step` at step n (the run page's step slider)."""
+        path = Path(path)
+        self.tracker.log_artifact(path, schema.SAMPLES_DIR if path.suffix == ".png" else None)
+        if (m := schema.GRID_RE.search(path.name)) and m.group(2) is not None:
+            self.tracker.log_image(path, key=f"samples_{m.group(1)}step", step=int(m.group(2)))
 
 
 def _older_checkpoints(ckpt: Any) -> list[Any]:
@@ -152,6 +159,17 @@ def trainer_dir(ctx: SweepContext, trial_id: str) -> Path:
     return Path(ctx.results_dir) / TRAINER_DIR / trial_id
 
 
+def _record_checkpoint(tracker: tracking.TrialTracker, ckpt: Path | None) -> None:
+    """Tag the run with its final checkpoint directory; upload `state.pt` too when the store is a server
+    (its artifacts are then reachable from any machine)."""
+    if ckpt is None:
+        log.warning("trial %s: no final checkpoint to record", tracker.trial_id)
+        return
+    tracker.set_tag(schema.CHECKPOINT, str(ckpt))
+    if not is_local(tracker.uri):
+        tracker.log_artifact(Path(ckpt) / "state.pt", schema.CHECKPOINT_DIR)
+
+
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     """Ray Tune function trainable: train one TrainConfig, logging to its one MLflow child run."""
     import ray
@@ -166,6 +184,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     spec = ctx.spec
     trial_id = tune.get_context().get_trial_id()
     workdir = trainer_dir(ctx, trial_id)
+    workdir.mkdir(parents=True, exist_ok=True)
     swept = swept_values(spec, config)
     cfg = override(trial_config(spec, config), {"out_dir": workdir / "out"})
     node_id = ray.get_runtime_context().get_node_id()
@@ -173,7 +192,8 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     cache = Path(ctx.pretrain_cache)
     planned = override(cfg, {"pretrain.checkpoint": cache_path(cfg, cache)}) if needs_pretrain(cfg) else cfg
     planned = pretrained_config(planned)  # a given EDM/EDM2 pickle brings its network: log that one
-    tags = {schema.axis_tag(p): str(v) for p, v in swept.items()}
+    params, path_tags = tracking.flatten(planned)  # as trained: with the shared phase-one checkpoint
+    tags = {schema.axis_tag(p): str(v) for p, v in swept.items()} | path_tags
     tags[schema.NODE_ID] = node_id
     tracker = tracking.TrialTracker(
         uri=ctx.tracking_uri,
@@ -183,7 +203,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         trial_id=trial_id,
         run_name=run_name(cfg, swept),
         tags=tags,
-        params=tracking.flatten(planned),  # as trained: with the shared phase-one checkpoint
+        params=params,
         lost_dir=Path(ctx.results_dir) / "mlflow_lost",
         run_id=meta.get("run_id"),
         flush_every_s=spec.mlflow_flush_s,
@@ -207,7 +227,12 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
             tracker.set_tag(schema.RESUMED_FROM, str(meta.get("step", "?")))
             if skipped:
                 tracker.set_tag(schema.SKIPPED_CHECKPOINTS, skipped)
-        train(cfg, reporter=TuneReporter(tracker, node_id), resume_from=resume_from)
+        config_file = workdir / schema.CONFIG_ARTIFACT
+        config_file.write_text(yaml.safe_dump(planned.model_dump(mode="json"), sort_keys=False))
+        tracker.log_artifact(config_file)  # the resolved TrainConfig, as trained
+        result = train(cfg, reporter=TuneReporter(tracker, node_id), resume_from=resume_from)
+        _record_checkpoint(tracker, _final_checkpoint(Path(ctx.results_dir) / trial_id, cfg.iterations)
+                           or result.checkpoint_dir)
     except SystemExit:  # Ray stopped the trial (scheduler decision or sweep end) inside tune.report
         tracker.set_tag(schema.STOPPED, "by scheduler")
         tracker.finish("FINISHED", finish_wait_s=30.0)

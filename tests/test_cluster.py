@@ -224,8 +224,8 @@ def test_sweep_on_a_two_node_cluster_survives_a_driver_kill(
         shown = CliRunner().invoke(app, ["status", "cluster"])
         assert shown.exit_code == 0 and shown.output.count("TERMINATED") == 4, shown.output
         metric, rows = trial_rows("cluster")
-        assert metric == "fid_1step" and {row[1] for row in rows} == {"TERMINATED"}
-        assert {row[2] for row in rows} == {n[:12] for n in node_ids} and all(row[4] != "-" for row in rows)
+        assert metric == "fid_1step" and {row[3] for row in rows} == {"TERMINATED"}
+        assert {row[4] for row in rows} == {n[:12] for n in node_ids} and all(row[6] != "-" for row in rows)
     finally:
         for node in reversed(nodes):
             node.stop()

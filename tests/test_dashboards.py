@@ -79,7 +79,7 @@ def write_sweep(uri: str, root: Path, sweep: str, grid: Mapping[str, Sequence[ob
         width = float(axes.get("network.model_channels", 32))
         n_params = 2000.0 * width**2
         flops_per_it = 6 * n_params * 128
-        client.log_metric(run, "params", n_params, step=0)
+        client.log_metric(run, "n_params", n_params, step=0)
         metrics = []  # one batch per trial: a few SQLite commits instead of one per step
         for step in range(0, iterations + 1, log_every):
             m = {"loss": 1.0 / (1 + step / 100), "images_seen": 128.0 * step, "flops": flops_per_it * step,
@@ -139,11 +139,11 @@ def test_loader_round_trip(store: tuple[str, Path]) -> None:
     assert res.spec_yaml is not None and "model_channels" in res.spec_yaml
     h = res.history
     assert len(h) == 16 * 9  # steps 0, 50, ..., 400
-    assert list(h.columns[:3]) == ["trial_id", "run_id", "step"]
+    assert list(h.columns[:4]) == ["trial_id", "run_name", "run_id", "step"]
     one = h[h.trial_id == "trial_000"].set_index("step")
     assert one.loc[400, "fid_1step"] == pytest.approx(t.final["fid_1step"])
     assert one.loc[400, "flops"] == pytest.approx(6 * 2000.0 * 16**2 * 128 * 400)
-    assert math.isnan(one.loc[50, "fid_1step"]) and one.loc[0, "params"] == 2000.0 * 16**2
+    assert math.isnan(one.loc[50, "fid_1step"]) and one.loc[0, "n_params"] == 2000.0 * 16**2
     assert h["network.model_channels"].dtype.kind in "if"  # typed param column
     assert set(h.loc[h.trial_id == "trial_001", "sct.ref_batch"]) == {1}
 
@@ -185,11 +185,15 @@ def test_export_parquet_equals_loader_frame(store: tuple[str, Path], tmp_path: P
     for col in ("fid_1step", "flops", "network.model_channels", "sct.ref_batch", "sampler.eta", "method"):
         assert col in df.columns
     pd.testing.assert_frame_equal(df, load_sweep(uri, "synth").history)
+    assert df.run_name.str.fullmatch(r"trial_\d{3}").all() and df.run_id.str.fullmatch(r"[0-9a-f]{32}").all()
+    assert df["data.root"].isna().all() and df["pretrain.checkpoint"].isna().all()  # nulls, not "None"
     assert table.schema.metadata[b"sct.sweep"] == b"synth"
 
 
 @pytest.mark.slow
 def test_report_builds_and_publishes(store: tuple[str, Path], published: Path) -> None:
+    from dashboards.loader import load_sweep
+
     uri, _ = store
     path = published
     page = path.read_text()
@@ -197,14 +201,16 @@ def test_report_builds_and_publishes(store: tuple[str, Path], published: Path) -
     imgs = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     names = sorted(p.name for p in path.parent.glob("*.png"))
     assert names == ["ablation_network_model_channels.png", "ablation_sct_ref_batch.png", "fid_curves.png",
-                     "samples_best.png", "scaling_flops.png", "scaling_images_seen.png", "scaling_params.png"]
+                     "samples_best.png", "scaling_flops.png", "scaling_images_seen.png", "scaling_n_params.png"]
     assert len(imgs) == len(names) and "src=\"http" not in page  # self-contained
     assert page.count("<tr>") >= 16 and "trial_015" in page and "model_channels" in page
+    res = load_sweep(uri, "synth")
+    t = res.trials[3]  # its run name, linked to its run in the MLflow UI
+    link = f'<a href="http://127.0.0.1:5000/#/experiments/{res.experiment_id}/runs/{t.run_id}"'
+    assert f'{link} title="MLflow run {t.run_id}">{t.run_name}</a>' in page
 
     client = MlflowClient(tracking_uri=uri)
-    from dashboards.loader import load_sweep
-
-    parent = load_sweep(uri, "synth").parent_run_id
+    parent = res.parent_run_id
     arts = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/index.html", "report/scaling_flops.png", "report/fid_curves.png"} <= arts
     run = client.get_run(parent)
@@ -263,3 +269,21 @@ def test_chromium_installer_is_idempotent() -> None:
     out = subprocess.run(["bash", "scripts/install_chromium.sh"], capture_output=True, text=True, timeout=30,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+
+
+@pytest.mark.slow
+def test_fid_curves_one_panel_per_sampler_coloured_by_first_axis(store: tuple[str, Path]) -> None:
+    from dashboards.loader import load_sweep
+    from dashboards.plots import fid_curves_figure
+
+    res = load_sweep(store[0], "synth")
+    fig = fid_curves_figure(res)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["1-step sampler", "2-step sampler"]
+    for ax in panels:  # 8 groups (width x ref_batch), each the mean over its 2 seeds with a band
+        assert len(ax.get_lines()) == 8 and len(ax.collections) == 8
+        colours = {tuple(line.get_color()) for line in ax.get_lines()}
+        assert len(colours) == 4  # one per model_channels value
+    legends = {lg.get_title().get_text(): [t.get_text() for t in lg.get_texts()] for lg in fig.legends}
+    assert legends == {"colour: network.model_channels": [f"model_channels={w}" for w in (16, 32, 64, 128)],
+                       "line: sct.ref_batch": ["ref_batch=1", "ref_batch=256"]}

@@ -170,7 +170,7 @@ def test_trial_faults_do_not_stop_the_sweep(
     from sct_sweeps.status import trial_rows
 
     rows = {row[0]: row for row in trial_rows("faults")[1]}
-    assert rows[ray_bad.trial_id][1] == "ERROR" and "DivergenceError" in rows[ray_bad.trial_id][5]
+    assert rows[ray_bad.trial_id][3] == "ERROR" and "DivergenceError" in rows[ray_bad.trial_id][7]
 
     # A run of a trial Ray never recorded (started after the last state snapshot of a driver that then
     # died) is retired when the sweep resumes: Ray reruns that configuration as a new trial.

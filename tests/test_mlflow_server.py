@@ -119,7 +119,12 @@ def test_sweep_against_mlflow_server(
         assert t["mlflow.parentRunId"] == parent_id
         assert run["info"]["status"] == "FINISHED"
         keys = {m["key"] for m in run["data"]["metrics"]}
-        assert {"loss", "fid_1step", "fid_2step", "images_seen", "flops", "wall_s"} <= keys, keys
+        assert {"loss", "fid_1step", "fid_2step", "images_seen", "flops", "wall_s", "n_params"} <= keys, keys
+        # On a server the final checkpoint travels with the run: a tag with its path, the file as artifact.
+        assert Path(t["sct.checkpoint"]).name.startswith("checkpoint_"), t
+        query = urllib.parse.urlencode({"run_id": run["info"]["run_id"], "path": "checkpoint"})
+        files = rest(mlflow_server.url, f"/api/2.0/mlflow/artifacts/list?{query}").get("files", [])
+        assert [f["path"] for f in files] == ["checkpoint/state.pt"] and int(files[0]["file_size"]) > 0, files
     listing = rest(mlflow_server.url, "/api/2.0/mlflow/artifacts/list", run_id=parent_id)
     assert "spec.yaml" in [f["path"] for f in listing.get("files", [])]
 

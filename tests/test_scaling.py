@@ -109,7 +109,7 @@ def _history() -> pd.DataFrame:
     for t, width in enumerate((1.0, 2.0, 4.0, 8.0)):
         for step in (0, 50, 100, 150, 200):
             row = {"trial_id": f"t{t}", "run_id": f"r{t}", "step": step, "flops": width * 1e9 * step,
-                   "images_seen": 128.0 * step, "params": 1e5 * width if step == 0 else np.nan}
+                   "images_seen": 128.0 * step, "n_params": 1e5 * width if step == 0 else np.nan}
             if step in (100, 200):  # evaluations logged at their own steps, cost not logged there
                 C = width * 1e9 * step
                 row.update(flops=np.nan, images_seen=np.nan, fid_1step=power_law(C), fid_2step=0.5 * power_law(C))
@@ -121,12 +121,12 @@ def test_points_interpolate_cost_to_evaluation_steps() -> None:
     pts = points_by_trial(_history(), "flops", "fid_1step")
     C, fid = pts["t1"]
     assert list(C) == [2e11, 4e11] and len(fid) == 2
-    assert list(points_by_trial(_history(), "params", "fid_1step")["t2"][0]) == [4e5, 4e5]
+    assert list(points_by_trial(_history(), "n_params", "fid_1step")["t2"][0]) == [4e5, 4e5]
 
 
 def test_varied_quantities_skips_images_seen_proportional_to_flops() -> None:
     h = _history()
-    assert varied_quantities(h) == ["flops", "images_seen", "params"]
+    assert varied_quantities(h) == ["flops", "images_seen", "n_params"]
     h1 = h[h.trial_id == "t0"]
     assert varied_quantities(h1) == ["flops"]
 

@@ -69,7 +69,8 @@ def test_sweep_end_to_end(tmp_path: Path, cli_env: dict[str, str], pretrain_cach
     assert len(list(pretrain_cache.glob("*.pt"))) >= 2
     pre = Counter(c.data.tags["sct.pretrain_checkpoint"] for c in children)
     assert sorted(pre.values()) == [2, 2]
-    assert all(c.data.params["pretrain.checkpoint"] == c.data.tags["sct.pretrain_checkpoint"] for c in children)
+    assert all(c.data.tags["sct.path.pretrain.checkpoint"] == c.data.tags["sct.pretrain_checkpoint"] for c in children)
+    assert not any("pretrain.checkpoint" in c.data.params for c in children)  # a path: a tag, not a param
 
     status = subprocess.run([sct_sweep(), "status", "e2e"], env=cli_env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and status.stdout.count("TERMINATED") == 4, status.stdout + status.stderr

@@ -317,7 +317,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
     run = _start(cfg, reporter, resume_from)
     start = run.state.iteration
     if start == 0:
-        run.reporter.report(0, {"params": run.n_params, "data_std": dataset_std(run.data)})
+        run.reporter.report(0, {"n_params": run.n_params, "data_std": dataset_std(run.data)})
         if cfg.eval.at_start:
             evaluate(run, 0)
     stats = LossStats(run.device)
