@@ -7,7 +7,9 @@ commands, so `--help` and `validate` stay fast and the embedded Ray is configure
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import os
 import sys
@@ -29,7 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console(soft_wrap=True)
+# Piped (not a terminal), rich would lay tables out for 80 columns and cut or fold them: give it room.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
 err = Console(stderr=True)
 
 ADDRESS = typer.Option(
@@ -43,6 +46,12 @@ TRACKING = typer.Option(
 )
 STORAGE = typer.Option(None, "--storage", help="Ray results root of the sweep; default: <project>/ray_results.")
 NUM_CPUS = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local Ray (default: all).")
+JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+def _print_json(data: Any) -> None:
+    """`data` as JSON on stdout (plain print: no markup, no wrapping)."""
+    print(json.dumps(data, indent=2, default=str))
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -206,10 +215,21 @@ def resume(
 def status(
     name: str | None = typer.Argument(None, help="Sweep name; without it, list every sweep."),
     storage: Path | None = STORAGE,
+    as_json: bool = JSON,
 ) -> None:
     """Trials of a sweep with state, node, iteration and best metric so far (or the list of sweeps)."""
     from sct_sweeps.status import state_saved_at, sweep_rows, trial_rows
 
+    if as_json:
+        if name is None:
+            keys = ("sweep", "trials", "states", "tracking_uri", "results")
+            _print_json([dict(zip(keys, row, strict=True)) for row in sweep_rows(storage)])
+            return
+        metric, rows = trial_rows(name, storage)
+        keys = ("trial_id", "run_name", "swept", "state", "node", "iteration", f"best_{metric}", "last_error")
+        _print_json({"sweep": name, "metric": metric, "states_saved_at": state_saved_at(name, storage),
+                     "trials": [dict(zip(keys, row, strict=True)) for row in rows]})
+        return
     if name is None:
         table = Table("sweep", "trials", "states", "MLflow store", "results")
         for row in sweep_rows(storage):
@@ -234,6 +254,7 @@ def status(
 def validate(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep YAML to check."),
     num_cpus: int | None = typer.Option(None, "--num-cpus", min=1, help="CPUs to plan for (default: this machine)."),
+    as_json: bool = JSON,
 ) -> None:
     """Check a sweep YAML and print its trial plan; runs nothing."""
     from sct_sweeps.config import load_spec
@@ -243,8 +264,13 @@ def validate(
     spec = load_spec(spec_path)
     if spec.resources.gpu != "auto":
         check_local_gpu(spec)
+    the_plan = plan(spec, num_cpus)
+    if as_json:
+        _print_json({"spec": str(spec_path), "valid": True, "name": spec.name, "algorithm": spec.algorithm,
+                     "metric": spec.metric, "mode": spec.mode, "plan": dataclasses.asdict(the_plan)})
+        return
     out.print(f"[bold]{spec_path}[/bold]: valid sweep {spec.name} ({spec.algorithm}, metric {spec.metric} {spec.mode})")
-    for line in plan(spec, num_cpus).lines():
+    for line in the_plan.lines():
         out.print(f"  {line}")
 
 
@@ -256,7 +282,7 @@ def sample(
     ),
     steps: int = typer.Option(1, "--steps", min=1, help="Sampler steps (1, 2, or N)."),
     eta: float | None = typer.Option(None, "--eta", min=0.0, max=1.0, help="Edge-skipping eta (N-step)."),
-    cfg_strength: float = typer.Option(1.0, "--cfg", min=0.0, help="Guidance strength w (1 = none)."),
+    guidance: float = typer.Option(1.0, "--guidance", min=0.0, help="Guidance strength w (1 = none)."),
     n: int = typer.Option(64, "--n", min=1, help="Number of images."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -271,7 +297,7 @@ def sample(
     stores = resolve_stores(tracking_uri=tracking_uri)
     db = sqlite_path(stores.tracking_uri)
     uri = stores.tracking_uri if tracking_uri or (db is not None and db.is_file()) else None
-    path = sample_grid(resolve_checkpoint(checkpoint, uri), steps=steps, eta=eta, strength=cfg_strength, n=n,
+    path = sample_grid(resolve_checkpoint(checkpoint, uri), steps=steps, eta=eta, strength=guidance, n=n,
                        seed=seed, device=device, out=out_path)  # fmt: skip
     out.print(f"wrote {path}")
 
@@ -354,7 +380,7 @@ def ui(
 @_user_errors
 def export(
     name: str = typer.Argument(..., help="Sweep name."),
-    out_file: Path = typer.Argument(..., help="Parquet file to write."),
+    out_file: Path = typer.Option(..., "--out", help="Parquet file to write."),
     storage: Path | None = STORAGE,
     tracking_uri: str | None = TRACKING,
 ) -> None:
@@ -390,14 +416,19 @@ def scaling(
     n_boot: int = typer.Option(200, "--n-boot", min=0, help="Bootstrap resamples for the exponent's CI."),
     storage: Path | None = STORAGE,
     tracking_uri: str | None = TRACKING,
+    as_json: bool = JSON,
 ) -> None:
     """Power-law fit FID(C) = a*C^-b + c against each varied cost (iterations, FLOPs, params), with CI."""
     from dashboards.loader import load_sweep
     from dashboards.scaling import fit_sweep
 
     res = load_sweep(_stores_of(name, storage, tracking_uri).tracking_uri, name)
+    fits = fit_sweep(res.history, res.fid_steps, n_boot=n_boot)
+    if as_json:
+        _print_json({"sweep": name, "fits": [_fit_json(r) for r in fits]})
+        return
     table = Table("FID", "vs", "points", "a", "b", "c", "R2 (log)", "b 95% CI", title=f"scaling of {name}")
-    for r in fit_sweep(res.history, res.fid_steps, n_boot=n_boot):
+    for r in fits:
         label = f"{r.steps}-step"
         if r.fit is None:
             table.add_row(label, r.x, str(len(r.C)), "-", "-", "-", "-", r.error or "no fit")
@@ -406,3 +437,11 @@ def scaling(
         ci = f"[{r.ci.low:.3g}, {r.ci.high:.3g}]" if r.ci is not None else (r.ci_error or "-")
         table.add_row(label, r.x, str(f.n_points), f"{f.a:.3g}", f"{f.b:.3g}", f"{f.c:.3g}", f"{f.r2:.3f}", ci)
     out.print(table)
+
+
+def _fit_json(r: Any) -> dict[str, Any]:
+    """One scaling fit (dashboards.scaling.fit_sweep's result) as JSON-ready data."""
+    f, ci = r.fit, r.ci
+    return {"fid_steps": r.steps, "vs": r.x, "points": len(r.C), "error": r.error,
+            "a": f.a if f else None, "b": f.b if f else None, "c": f.c if f else None, "r2": f.r2 if f else None,
+            "b_ci95": [ci.low, ci.high] if ci is not None else None, "ci_error": r.ci_error}

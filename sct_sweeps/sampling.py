@@ -88,8 +88,8 @@ def sample_grid(
             snaps = state.get("snapshots") or {}
             if key not in snaps:
                 raise ConfigError(
-                    f"--cfg: {checkpoint} holds no EMA snapshot at guidance.bad_fraction {key} "
-                    f"(has {sorted(snaps) or 'none'}); sample a later checkpoint or use --cfg 1"
+                    f"--guidance: {checkpoint} holds no EMA snapshot at guidance.bad_fraction {key} "
+                    f"(has {sorted(snaps) or 'none'}); sample a later checkpoint or use --guidance 1"
                 )
             bad = build_model(cfg, data).to(next(model.parameters()).device)
             bad.load_state_dict(snaps[key])

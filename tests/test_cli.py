@@ -35,8 +35,10 @@ def test_help_explains_every_option(command: str) -> None:
     result = invoke(command, "--help")
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
-    for opt in {"run": ["--address", "--tracking-uri", "--name", "--num-cpus"], "sample": ["--steps", "--eta", "--cfg",
-                "--out"], "ui": ["--host", "--port"]}.get(command, []):  # fmt: skip
+    for opt in {"run": ["--address", "--tracking-uri", "--name", "--num-cpus"],
+                "sample": ["--steps", "--eta", "--guidance", "--out"], "export": ["--out"],
+                "status": ["--json"], "validate": ["--json"], "scaling": ["--json"],
+                "ui": ["--host", "--port"]}.get(command, []):  # fmt: skip
         assert opt in result.output, (command, opt)
 
 
@@ -61,7 +63,7 @@ def test_status_without_sweeps(project: Path) -> None:
         (["resume", "../x"], "not a valid sweep name"),
         (["sample", "/nonexistent/state.pt"], "checkpoint not found"),
         (["validate", "/nonexistent/spec.yaml"], "sweep file not found"),
-        (["export", "nosuch", "/tmp/x.parquet"], "nosuch"),
+        (["export", "nosuch", "--out", "/tmp/x.parquet"], "nosuch"),
     ],
 )
 def test_user_errors_exit_2(project: Path, args: list[str], expected: str) -> None:
@@ -106,3 +108,31 @@ def test_version_short_help_and_completion() -> None:
         assert res.exit_code == 0 and "Usage:" in res.output, args
     res = invoke("--help")
     assert "--install-completion" in res.output and "--show-completion" in res.output
+
+
+def test_validate_and_status_json_parse(project: Path) -> None:
+    """`--json` output is JSON (`python -m json.tool` accepts it) with the plan's numbers."""
+    import subprocess
+    import sys
+
+    res = invoke("validate", str(REPO / "experiments" / "scaling.yaml"), "--num-cpus", "2", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["valid"] and data["name"] == "scaling" and data["plan"]["trials"] == 18
+    tool = subprocess.run([sys.executable, "-m", "json.tool"], input=res.output, capture_output=True, text=True)
+    assert tool.returncode == 0
+    res = invoke("status", "--json")
+    assert res.exit_code == 0 and json.loads(res.output) == []
+
+
+def test_piped_tables_are_not_cut_at_80_columns(project: Path) -> None:
+    """A table printed to a pipe keeps every character of a long cell (rich would lay it out for 80 columns)."""
+    import subprocess
+    import sys
+
+    long_name = "w" * 150
+    out = subprocess.run([sys.executable, "-c",
+                          "from rich.table import Table; from sct_sweeps.cli import out; "
+                          f"t = Table('sweep', 'store'); t.add_row('{long_name}', 'x'); out.print(t)"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and long_name in out.stdout, out.stdout

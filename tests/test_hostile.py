@@ -296,7 +296,7 @@ def test_sqlite_store_in_a_missing_directory_is_refused(tmp_path: Path, project:
     for args in (
         ["run", str(spec), "--tracking-uri", uri],
         ["ui", "--tracking-uri", uri],
-        ["export", "x", "o.pq", "--tracking-uri", uri],
+        ["export", "x", "--out", "o.pq", "--tracking-uri", uri],
     ):
         line = one_error_line(CliRunner().invoke(app, args))
         assert f"directory {missing} does not exist; create it first" in line, line

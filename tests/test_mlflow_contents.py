@@ -143,7 +143,7 @@ def test_experiment_and_parent_run_carry_the_description(sweep: Sweep) -> None:
 @pytest.mark.slow
 def test_export_has_run_name_and_id_and_nulls(sweep: Sweep, tmp_path: Path) -> None:
     out = tmp_path / "ident.parquet"
-    res = CliRunner().invoke(app, ["export", "ident", str(out), "--tracking-uri", sweep.uri])
+    res = CliRunner().invoke(app, ["export", "ident", "--out", str(out), "--tracking-uri", sweep.uri])
     assert res.exit_code == 0, res.output
     df = pq.read_table(out).to_pandas()
     names = {c.info.run_id: c.info.run_name for c in sweep.children}
@@ -212,3 +212,19 @@ def test_ui_prints_the_runs_page_which_lists_the_trial_runs(sweep: Sweep, tmp_pa
     finally:
         stop_pid(proc, timeout=30)  # the CLI exec'd into the server: this PID is the server
         kill_pids(processes_under(str(sweep.project / "mlruns.db")))
+
+
+@pytest.mark.slow
+def test_status_and_scaling_json(sweep: Sweep) -> None:
+    """`status --json` and `scaling --json` print JSON with the trials and the fits (one per sampler and cost)."""
+    import json
+
+    res = CliRunner().invoke(app, ["status", "ident", "--storage", str(sweep.project / "ray_results"), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    names = {c.info.run_name for c in sweep.children}
+    assert {t["run_name"] for t in data["trials"]} == names and all(t["state"] for t in data["trials"])
+    res = CliRunner().invoke(app, ["scaling", "ident", "--tracking-uri", sweep.uri, "--json", "--n-boot", "10"])
+    assert res.exit_code == 0, res.output
+    fits = json.loads(res.output)["fits"]
+    assert fits and all({"fid_steps", "vs", "points", "b"} <= f.keys() for f in fits)
