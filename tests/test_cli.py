@@ -136,3 +136,14 @@ def test_piped_tables_are_not_cut_at_80_columns(project: Path) -> None:
                           f"t = Table('sweep', 'store'); t.add_row('{long_name}', 'x'); out.print(t)"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and long_name in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize(
+    ("changes", "suggestion"),
+    [({"base": {"sct": {"ref_bach": 4}}}, "did you mean 'ref_batch'?"),
+     ({"search": {"sampler.etta": {"grid": [0.1, 0.2]}}}, "did you mean 'eta'?"),
+     ({"base": {"iteratons": 20}}, "did you mean 'iterations'?")],
+)
+def test_a_mistyped_setting_gets_a_suggestion(project: Path, tmp_path: Path, changes: dict, suggestion: str) -> None:
+    line = one_error_line(invoke("validate", str(write_spec(tmp_path, **changes))))
+    assert suggestion in line, line

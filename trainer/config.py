@@ -6,7 +6,9 @@ errors everywhere (``extra="forbid"``), so a typo in a YAML file never silently 
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -328,7 +330,7 @@ def leaf_field(path: str) -> str | None:
         field = model.model_fields.get(part)
         if field is None:
             where = ".".join(parts[:i]) or "TrainConfig"
-            return f"unknown setting {part!r} in {where}"
+            return f"unknown setting {part!r} in {where}{did_you_mean(part, model.model_fields)}"
         ann = field.annotation
         is_model = isinstance(ann, type) and issubclass(ann, BaseModel)
         if i == len(parts) - 1:
@@ -355,6 +357,35 @@ def override(base: TrainConfig, flat: dict[str, Any]) -> TrainConfig:
 _UNION_MEMBER = re.compile(r"(int|float|str|bool|literal\[.*\]|function-\w+\[.*\])")
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`; did you mean 'x'?` for the closest of `choices` to a mistyped `word`, or nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _model_named(name: str, root: type[BaseModel] = BaseModel) -> type[BaseModel] | None:
+    """The pydantic model class called `name` (a ValidationError's title), searched among root's subclasses."""
+    for sub in root.__subclasses__():
+        if sub.__name__ == name:
+            return sub
+        found = _model_named(name, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_beside(title: str, loc: tuple) -> list[str]:
+    """The field names of the model that holds the last element of an error location."""
+    model = _model_named(title)
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
 def format_validation_error(err: Exception, prefix: str = "") -> str:
     """One line naming the first offending field path, e.g. `sct.ref_batch: must be ...`."""
     from pydantic import ValidationError
@@ -366,7 +397,8 @@ def format_validation_error(err: Exception, prefix: str = "") -> str:
         loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the documented fields)"
+            hint = did_you_mean(str(e["loc"][-1]), _fields_beside(err.title, e["loc"])) if e["loc"] else ""
+            msg = f"unknown key (check the spelling; see the documented fields){hint}"
         return f"{loc}: {msg}" if loc else msg
     return str(err)
 
