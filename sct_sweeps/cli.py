@@ -47,6 +47,10 @@ TRACKING = typer.Option(
 STORAGE = typer.Option(None, "--storage", help="Ray results root of the sweep; default: <project>/ray_results.")
 NUM_CPUS = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local Ray (default: all).")
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+OVERRIDES = typer.Argument(
+    None, metavar="[KEY=VALUE]...",
+    help="Settings over the YAML's, validated with it: base.iterations=50, search.seed.grid=[0,1].",
+)
 
 
 def _print_json(data: Any) -> None:
@@ -170,6 +174,7 @@ def _sweep_and_report(start: Callable[..., Any], *, address: str | None, num_cpu
 @_user_errors
 def run(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep YAML, e.g. experiments/scaling.yaml."),
+    overrides: list[str] | None = OVERRIDES,
     address: str | None = ADDRESS,
     tracking_uri: str | None = TRACKING,
     name: str | None = typer.Option(None, "--name", help="Sweep name (default: the spec's `name`)."),
@@ -182,7 +187,7 @@ def run(
     from sct_sweeps.space import plan
     from sct_sweeps.stores import resolve_stores
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, overrides or ())
     if name:
         spec = spec.model_copy(update={"name": check_name(name, "--name")})
     uri = resolve_stores(spec=spec, tracking_uri=tracking_uri).tracking_uri
@@ -253,6 +258,7 @@ def status(
 @_user_errors
 def validate(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep YAML to check."),
+    overrides: list[str] | None = OVERRIDES,
     num_cpus: int | None = typer.Option(None, "--num-cpus", min=1, help="CPUs to plan for (default: this machine)."),
     as_json: bool = JSON,
 ) -> None:
@@ -261,7 +267,7 @@ def validate(
     from sct_sweeps.session import check_local_gpu
     from sct_sweeps.space import plan
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, overrides or ())
     if spec.resources.gpu != "auto":
         check_local_gpu(spec)
     the_plan = plan(spec, num_cpus)

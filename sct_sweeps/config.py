@@ -9,9 +9,11 @@ absolute against the current directory here, once: Ray moves a trial's working d
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -320,14 +322,42 @@ def check_networks(spec: SweepSpec) -> None:
                 check_fits(override(spec.base, {path: value}), f"search.{path}.{loc}: network", memory)
 
 
-def load_spec(path: Path) -> SweepSpec:
-    """Read and validate a sweep YAML file (`trainer.yaml_io`: safe, bounded, no duplicate keys);
-    the name defaults to the file stem."""
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`raw` (a spec as read from YAML) with command-line settings `KEY=VALUE` put in, each VALUE read as YAML:
+    `base.iterations=50`, `max_concurrent_trials=1`, `search.seed.grid=[0,1]` (under `search`, the axis is
+    everything between `search.` and the last part, its kind: `search.sampler.eta.grid=[0,0.5]`)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or key.startswith(".") or key.endswith("."):
+            raise SpecError(f"override {item!r}: expected KEY=VALUE, e.g. base.iterations=50")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise SpecError(f"override {key}: value {text!r} is not valid YAML") from None
+        parts = key.split(".")
+        if parts[0] == "search" and len(parts) >= 3:
+            parts = ["search", ".".join(parts[1:-1]), parts[-1]]
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"override {key}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_spec(path: Path, overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read and validate a sweep YAML file (`trainer.yaml_io`: safe, bounded, no duplicate keys) with any
+    command-line `overrides` (`apply_overrides`), validated together; the name defaults to the file stem."""
     path = Path(path)
     try:
         raw = read_yaml(path, "sweep file")
     except ConfigError as e:
         raise SpecError(str(e)) from None
+    if overrides and isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)
     return parse_spec(raw, str(path), default_name=stem)
 

@@ -147,3 +147,19 @@ def test_piped_tables_are_not_cut_at_80_columns(project: Path) -> None:
 def test_a_mistyped_setting_gets_a_suggestion(project: Path, tmp_path: Path, changes: dict, suggestion: str) -> None:
     line = one_error_line(invoke("validate", str(write_spec(tmp_path, **changes))))
     assert suggestion in line, line
+
+
+def test_command_line_overrides_are_validated_like_the_yaml(project: Path) -> None:
+    from sct_sweeps.config import load_spec, spec_yaml
+
+    scaling = str(REPO / "experiments" / "scaling.yaml")
+    res = invoke("validate", scaling, "search.seed.grid=[0,1,2]", "max_concurrent_trials=1", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["plan"]["trials"] == 27 and data["plan"]["concurrency"] == 1  # 3 widths x 3 budgets x 3 seeds
+    spec = load_spec(Path(scaling), ["base.optim.lr=3e-4", "search.sampler.eta.grid=[0.1,0.2]"])
+    logged = yaml.safe_load(spec_yaml(spec))  # what run records: the spec with the overrides in it
+    assert logged["base"]["optim"]["lr"] == 3e-4 and logged["search"]["sampler.eta"]["grid"] == [0.1, 0.2]
+    assert "base.optim.lr: Input should be greater than 0" in one_error_line(invoke("validate", scaling,
+                                                                                   "base.optim.lr=-1"))
+    assert "expected KEY=VALUE" in one_error_line(invoke("validate", scaling, "lr"))
