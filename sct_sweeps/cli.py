@@ -53,6 +53,11 @@ OVERRIDES = typer.Argument(
 )
 
 
+def _working(what: str) -> Any:
+    """A spinner on stderr while a command works for more than a moment (shown on a terminal only)."""
+    return err.status(what, spinner="dots")
+
+
 def _print_json(data: Any) -> None:
     """`data` as JSON on stdout (plain print: no markup, no wrapping)."""
     print(json.dumps(data, indent=2, default=str))
@@ -230,7 +235,8 @@ def status(
             keys = ("sweep", "trials", "states", "tracking_uri", "results")
             _print_json([dict(zip(keys, row, strict=True)) for row in sweep_rows(storage)])
             return
-        metric, rows = trial_rows(name, storage)
+        with _working(f"reading {name}"):
+            metric, rows = trial_rows(name, storage)
         keys = ("trial_id", "run_name", "swept", "state", "node", "iteration", f"best_{metric}", "last_error")
         _print_json({"sweep": name, "metric": metric, "states_saved_at": state_saved_at(name, storage),
                      "trials": [dict(zip(keys, row, strict=True)) for row in rows]})
@@ -241,7 +247,8 @@ def status(
             table.add_row(*row)
         out.print(table if table.rows else "no sweeps yet")
         return
-    metric, rows = trial_rows(name, storage)
+    with _working(f"reading {name}"):
+        metric, rows = trial_rows(name, storage)
     saved = state_saved_at(name, storage)
     age = "" if saved is None else f"states saved by the driver {time.time() - saved:.0f} s ago"
     table = Table(title=f"sweep {name}", caption=age, show_lines=True)
@@ -303,8 +310,9 @@ def sample(
     stores = resolve_stores(tracking_uri=tracking_uri)
     db = sqlite_path(stores.tracking_uri)
     uri = stores.tracking_uri if tracking_uri or (db is not None and db.is_file()) else None
-    path = sample_grid(resolve_checkpoint(checkpoint, uri), steps=steps, eta=eta, strength=guidance, n=n,
-                       seed=seed, device=device, out=out_path)  # fmt: skip
+    with _working(f"sampling {n} images"):
+        path = sample_grid(resolve_checkpoint(checkpoint, uri), steps=steps, eta=eta, strength=guidance, n=n,
+                           seed=seed, device=device, out=out_path)  # fmt: skip
     out.print(f"wrote {path}")
 
 
@@ -317,7 +325,8 @@ def import_edm(
     """Convert an EDM/EDM2 pickle (read safely, nothing in it runs) into a pretrain checkpoint."""
     from trainer.edm_pickle import import_edm as convert
 
-    found = convert(src, out_file)
+    with _working(f"reading {src}"):
+        found = convert(src, out_file)
     classes = found["classes"] or "unconditional"
     out.print(f"{src}: {found['arch']}, {found['resolution']}x{found['resolution']}x{found['channels']}, "
               f"classes {classes}, {found['params'] / 1e6:.2f}M parameters")
@@ -393,7 +402,8 @@ def export(
     """Every metric history of a sweep as Parquet: one row per (trial, step), params as columns."""
     from dashboards.export import export_parquet
 
-    path = export_parquet(_stores_of(name, storage, tracking_uri).tracking_uri, name, out_file)
+    with _working(f"exporting {name}"):
+        path = export_parquet(_stores_of(name, storage, tracking_uri).tracking_uri, name, out_file)
     out.print(f"wrote {path}")
 
 
@@ -411,7 +421,8 @@ def report(
 
     stores = _stores_of(name, storage, tracking_uri)
     out_dir = out_dir or stores.reports / name
-    path = (publish_report if publish else build_report)(stores.tracking_uri, name, out_dir)
+    with _working(f"building the report of {name}"):
+        path = (publish_report if publish else build_report)(stores.tracking_uri, name, out_dir)
     out.print(f"wrote {path}")
 
 
@@ -428,8 +439,9 @@ def scaling(
     from dashboards.loader import load_sweep
     from dashboards.scaling import fit_sweep
 
-    res = load_sweep(_stores_of(name, storage, tracking_uri).tracking_uri, name)
-    fits = fit_sweep(res.history, res.fid_steps, n_boot=n_boot)
+    with _working(f"fitting the scaling of {name}"):
+        res = load_sweep(_stores_of(name, storage, tracking_uri).tracking_uri, name)
+        fits = fit_sweep(res.history, res.fid_steps, n_boot=n_boot)
     if as_json:
         _print_json({"sweep": name, "fits": [_fit_json(r) for r in fits]})
         return
