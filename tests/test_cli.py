@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, free_port, one_error_line, processes_under
+from conftest import REPO, free_port, one_error_line, processes_under, sct_sweep
 from typer.testing import CliRunner
 
 from sct_sweeps.cli import app
@@ -163,3 +163,38 @@ def test_command_line_overrides_are_validated_like_the_yaml(project: Path) -> No
     assert "base.optim.lr: Input should be greater than 0" in one_error_line(invoke("validate", scaling,
                                                                                    "base.optim.lr=-1"))
     assert "expected KEY=VALUE" in one_error_line(invoke("validate", scaling, "lr"))
+
+
+@pytest.mark.slow
+def test_a_long_command_shows_a_spinner_on_a_terminal(project: Path, tmp_path: Path) -> None:
+    """`sample` (seconds: loading the model and the data, sampling) shows what it is doing on a terminal."""
+    import os
+    import pty
+    import select
+    import subprocess
+
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    cfg = TrainConfig.model_validate({
+        "method": "ect", "iterations": 2, "device": "cpu", "out_dir": str(tmp_path / "run"),
+        "network": {"model_channels": 8, "channel_mult": [1], "num_blocks": 1}, "pretrain": {"iterations": 0},
+        "optim": {"batch_size": 16}, "eval": {"every": 2, "fid_samples": 32, "batch_size": 32, "at_start": False},
+    })
+    ckpt = train(cfg).checkpoint_dir
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sct_sweep(), "sample", str(ckpt), "--n", "4",
+                             "--out", str(tmp_path / "g.png")], stdout=slave, stderr=slave, env={**os.environ})
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        try:
+            chunk = os.read(master, 4096) if ready else b""
+        except OSError:  # the terminal closed: the command ended
+            chunk = b""
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=120) == 0, seen.decode(errors="replace")[-2000:]
+    assert b"sampling 4 images" in seen and (tmp_path / "g.png").is_file()
