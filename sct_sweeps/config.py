@@ -97,10 +97,16 @@ class SchedulerSpec(_Strict):
 
 
 class Resources(_Strict):
-    """Resources of one trial (and of one pretraining task)."""
+    """Resources of one trial (and of one pretraining task).
+
+    With `workers: N > 1` a trial is N data-parallel processes (Ray Train): `cpu` and `gpu` are then per
+    worker, and `placement` says whether its workers share a node where they can (pack) or spread out.
+    """
 
     cpu: float = Field(1.0, gt=0.0)
     gpu: float | Literal["auto"] = "auto"  # auto = 1 where the cluster has GPUs, else 0
+    workers: int = Field(1, ge=1, le=4096)  # processes per trial; the global batch is split over them
+    placement: Literal["pack", "spread"] = "pack"  # of one trial's workers over the nodes (Ray Train)
 
     @field_validator("gpu")
     @classmethod
@@ -184,6 +190,7 @@ class SweepSpec(_Strict):
         if not self.search:
             raise ValueError("search: empty search space; add at least one axis (e.g. seed: {grid: [0, 1]})")
         check_trial_count(self.algorithm, self.search, self.num_samples)
+        _check_workers(self)
         for path, axis in self.search.items():
             _check_axis(self, path, axis)
         steps = None if "sampler.steps" in self.search else self.base.sampler.steps
@@ -205,6 +212,22 @@ class SweepSpec(_Strict):
         if axis is None:
             return self.base.iterations
         return int(max(v for _, v in axis.probe_values()))
+
+
+def _check_workers(spec: SweepSpec) -> None:
+    """With several workers per trial, every global batch must split evenly over them, and each GPU worker
+    needs a GPU of its own (NCCL refuses two ranks on one device)."""
+    n, gpu = spec.resources.workers, spec.resources.gpu
+    if n > 1 and isinstance(gpu, float) and gpu != int(gpu):
+        raise ValueError(f"resources.gpu: {gpu:g} GPU per worker; workers of one trial need whole GPUs (0, 1, ...)")
+    axis = spec.search.get("optim.batch_size")
+    if axis is None:
+        sizes = [("base.optim.batch_size", spec.base.optim.batch_size)]
+    else:
+        sizes = [(f"search.optim.batch_size.{loc}", v) for loc, v in axis.probe_values()]
+    for where, size in sizes:
+        if isinstance(size, int) and size % n:
+            raise ValueError(f"{where}: the global batch {size} does not split evenly over resources.workers = {n}")
 
 
 def _first_error(err: ValidationError, path: str) -> str:

@@ -25,6 +25,8 @@ from sct_sweeps.stores import Stores, is_local, resolve_stores
 
 log = logging.getLogger(__name__)
 
+DRIVER_MEMORY = 256 * 1024**2  # bytes a multi-worker trial's driver function asks Ray for (it holds no CPU)
+
 
 # -- MLflow ------------------------------------------------------------------------------------
 
@@ -40,6 +42,8 @@ def _parent_params(spec: SweepSpec, resources: dict[str, float], address: str | 
         "max_concurrent_trials": spec.max_concurrent_trials,
         "resources.cpu": resources["cpu"],
         "resources.gpu": resources["gpu"],
+        "resources.workers": spec.resources.workers,
+        "resources.placement": spec.resources.placement,
         "max_failures": spec.max_failures,
         "mlflow_flush_s": spec.mlflow_flush_s,
         "ray.address": address or "embedded",
@@ -172,8 +176,12 @@ def _trainable(record: SweepRecord, spec: SweepSpec, resources: dict[str, float]
         parent_run_id=record.parent_run_id,
         pretrain_cache=record.pretrain_cache,
         results_dir=record.results_dir,
+        resources=resources,
     )
-    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    # Several workers: the trial's function only drives a Ray Train run whose workers hold the CPUs and GPUs;
+    # it asks for none itself (Tune needs a non-empty request: the driver's memory).
+    own = resources if spec.resources.workers == 1 else {"cpu": 0, "memory": DRIVER_MEMORY}
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), own)
 
 
 def _trial_seconds(results_dir: str) -> dict[str, float]:
@@ -243,13 +251,18 @@ def _preflight(spec: SweepSpec, uri: str, launch: Launch) -> None:
 
 @contextlib.contextmanager
 def _ray_session(
-    launch: Launch, open_store: Callable[[], Any], release: Callable[[], None] = lambda: None
+    launch: Launch,
+    open_store: Callable[[], Any],
+    release: Callable[[], None] = lambda: None,
+    *,
+    state_api: bool = False,
 ) -> Iterator[Any]:
-    """Open the store while Ray starts; at the end, however it ends, `release` (a name claim) and stop Ray."""
+    """Open the store while Ray starts (`state_api`: an embedded one with its state API, for Ray Train); at the
+    end, however it ends, `release` (a name claim) and stop Ray."""
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
             opening = pool.submit(open_store)  # MLflow's import and migrations overlap Ray's start
-            start_ray(launch.address, launch.num_cpus)
+            start_ray(launch.address, launch.num_cpus, state_api=state_api)
         yield opening.result()
     finally:
         release()
@@ -308,7 +321,8 @@ def run_sweep(spec: SweepSpec, *, uri: str | None = None, launch: Launch = Launc
     _preflight(spec, stores.tracking_uri, launch)
     out = stores.sweep_dir(spec.name)
     claim = NameClaim(out, spec.name)  # SweepExistsError if taken; held until the record is written
-    with _ray_session(launch, lambda: _open_store(stores, spec), claim.release) as (client, exp_id):
+    multi = spec.resources.workers > 1
+    with _ray_session(launch, lambda: _open_store(stores, spec), claim.release, state_api=multi) as (client, exp_id):
         resources = trial_resources(spec)
         text = spec_yaml(spec)
         params = _parent_params(spec, resources, launch.address)
@@ -348,8 +362,11 @@ def _make_tuner(spec: SweepSpec, record: SweepRecord, resources: dict[str, float
             search_alg=search_alg(spec),
             scheduler=scheduler(spec),
             num_samples=spec.num_samples,
-            max_concurrent_trials=spec.max_concurrent_trials,
-            reuse_actors=True,
+            # Ray Train runs wait for their workers outside Tune's resource accounting: at most as many as fit.
+            max_concurrent_trials=slots(spec, resources) if spec.resources.workers > 1 else spec.max_concurrent_trials,
+            # A reused actor would keep a stopped (ASHA) trial's Ray Train run going in its old thread; a
+            # multi-worker trial's actor ends with it, and with it that run's controller and workers.
+            reuse_actors=spec.resources.workers == 1,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -374,7 +391,7 @@ def resume_sweep(
     spec = record.spec
     stores.check_writable()
     _preflight(spec, record.tracking_uri, launch)
-    with _ray_session(launch, lambda: _find_parent(record)) as client:
+    with _ray_session(launch, lambda: _find_parent(record), state_api=spec.resources.workers > 1) as client:
         resources = trial_resources(spec)
         record.address = launch.address
         record.save()

@@ -21,7 +21,9 @@ ROLE_PARENT, ROLE_TRIAL = "parent", "trial"
 
 # -- tags of a trial run --------------------------------------------------------------------------
 AXIS_PREFIX = "sct.axis."  # + dotted TrainConfig path: the trial's value on a search axis
-NODE_ID = "sct.node_id"  # Ray node of the latest attempt
+NODE_ID = "sct.node_id"  # Ray node of the latest attempt (of rank 0 in a multi-worker trial)
+NODES = "sct.nodes"  # multi-worker trial: every rank's Ray node id, comma-separated, in rank order
+WORLD_SIZE = "sct.world_size"  # multi-worker trial: how many data-parallel workers (resources.workers)
 ATTEMPTS = "sct.attempts"  # how many times the trial (re)started
 ERROR = "sct.error"  # one line; the traceback is artifact ERROR_ARTIFACT
 PRETRAIN_CHECKPOINT = "sct.pretrain_checkpoint"  # the shared phase-one checkpoint it tuned from

@@ -35,8 +35,10 @@ def _ray_log_level() -> int:
     return min(logging.WARNING, logging.getLogger().getEffectiveLevel())
 
 
-def start_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to the cluster at `address`, or start a private local Ray on 127.0.0.1."""
+def start_ray(address: str | None, num_cpus: int | None = None, *, state_api: bool = False) -> None:
+    """Connect to the cluster at `address`, or start a private local Ray on 127.0.0.1; `state_api`: with
+    its dashboard server, which Ray's state API needs (Ray Train's placement-group cleaner asks it whether
+    a run's controller still lives, and warns every few seconds where it cannot)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Ray tables; progress is ours
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address:
@@ -58,7 +60,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
+        include_dashboard=state_api,
         object_store_memory=OBJECT_STORE_BYTES,
         log_to_driver=True,
         logging_level=_ray_log_level(),
@@ -115,7 +117,8 @@ def check_local_gpu(spec: SweepSpec) -> None:
 
 
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
-    """{cpu, gpu} per trial checked against the connected Ray: `auto` GPU = 1 where GPUs exist."""
+    """{cpu, gpu} per trial (per worker of a multi-worker trial) checked against the connected Ray:
+    `auto` GPU = 1 where GPUs exist."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -123,17 +126,27 @@ def trial_resources(spec: SweepSpec) -> dict[str, float]:
     max_gpu = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
     cpu, gpu = spec.resources.cpu, spec.resources.gpu
     gpu = (1.0 if max_gpu >= 1 else 0.0) if gpu == "auto" else float(gpu)
+    each = "per trial" if spec.resources.workers == 1 else "per worker"
     if cpu > max_cpu:
-        raise ResourceError(f"resources.cpu: {cpu:g} CPUs per trial, but the largest Ray node has {max_cpu:g}")
+        raise ResourceError(f"resources.cpu: {cpu:g} CPUs {each}, but the largest Ray node has {max_cpu:g}")
     if gpu > max_gpu:
-        raise ResourceError(f"resources.gpu: {gpu:g} GPU per trial requested, but the Ray cluster has {max_gpu:g}")
+        raise ResourceError(f"resources.gpu: {gpu:g} GPU {each} requested, but the Ray cluster has {max_gpu:g}")
+    total = ray.cluster_resources()
+    for key, need in (("CPU", cpu), ("GPU", gpu)):
+        if need * spec.resources.workers > total.get(key, 0.0):
+            raise ResourceError(
+                f"resources.workers: {spec.resources.workers} workers x {need:g} {key} do not fit in the Ray "
+                f"cluster's {total.get(key, 0.0):g} {key}"
+            )
     return {"cpu": cpu, "gpu": gpu}
 
 
 def slots(spec: SweepSpec, resources: dict[str, float]) -> int:
-    """How many trials the connected Ray can run at once."""
+    """How many trials the connected Ray can run at once (all of a trial's workers together)."""
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    n = max(1, int(cpus // resources["cpu"]))
+    total, workers = ray.cluster_resources(), spec.resources.workers
+    n = max(1, int(total.get("CPU", 1.0) // (resources["cpu"] * workers)))
+    if resources["gpu"] > 0:
+        n = min(n, max(1, int(total.get("GPU", 0.0) // (resources["gpu"] * workers))))
     return min(n, spec.max_concurrent_trials or n, trial_count(spec))

@@ -142,14 +142,16 @@ class Plan:
     trials: int
     pretrains: int
     pretrains_complete: bool  # False: a continuous axis on a pretraining field adds some in trials
-    cpu: float
-    gpu: float | str
+    cpu: float  # per worker
+    gpu: float | str  # per worker
     concurrency: int
     tuning_iterations: float  # expected total over all trials
     pretrain_iterations: int
     est_compute_s: float | None  # sum over trials and pretraining, one trial's resources each
     est_wall_s: float | None  # compute / concurrency (an estimate: no startup, no stragglers)
     pretrained_from: str | None = None  # every trial starts from this given checkpoint (no phase one)
+    workers: int = 1  # data-parallel processes per trial (Ray Train when > 1)
+    placement: str = "pack"
 
     def lines(self) -> list[str]:
         """Human-readable plan, one fact a line."""
@@ -160,7 +162,7 @@ class Plan:
         out = [
             f"trials: {self.trials}",
             pretraining,
-            f"resources per trial: {self.cpu:g} CPU, {self.gpu} GPU; up to {self.concurrency} at a time",
+            f"resources per trial: {self.resources_text()}; up to {self.concurrency} at a time",
             f"tuning iterations (expected total): {self.tuning_iterations:.0f}",
         ]
         if self.est_compute_s is None:
@@ -171,6 +173,16 @@ class Plan:
                 f"~{self.est_wall_s / 60:.1f} min wall (estimate; excludes Ray/worker startup)"
             )
         return out
+
+    def resources_text(self) -> str:
+        """`1 CPU, auto GPU`, or for several workers `2 workers x (1 CPU, 0 GPU), placement pack`."""
+        each = f"{self.cpu:g} CPU, {self.gpu} GPU"
+        return each if self.workers == 1 else f"{self.workers} workers x ({each}), placement {self.placement}"
+
+
+def trial_cpus(spec: SweepSpec) -> float:
+    """CPUs one trial holds: its workers' together."""
+    return spec.resources.cpu * spec.resources.workers
 
 
 def trial_count(spec: SweepSpec) -> int:
@@ -185,7 +197,7 @@ def plan(spec: SweepSpec, total_cpus: float | None = None) -> Plan:
     """The trial plan of `spec` on a machine (or cluster) with `total_cpus` CPUs (default: this one)."""
     n = trial_count(spec)
     cpus = total_cpus or float(os.cpu_count() or 1)
-    concurrency = max(1, min(n, int(cpus // spec.resources.cpu), spec.max_concurrent_trials or n))
+    concurrency = max(1, min(n, int(cpus // trial_cpus(spec)), spec.max_concurrent_trials or n))
     iters = _axis_mean(spec, "iterations", float, spec.base.iterations)
     pre_cfgs, complete = enumerate_configs(spec)
     pre_iters = sum(c.pretrain.iterations for c in pre_cfgs)
@@ -214,6 +226,8 @@ def plan(spec: SweepSpec, total_cpus: float | None = None) -> Plan:
         est_compute_s=compute,
         est_wall_s=wall,
         pretrained_from=_given_checkpoint(spec),
+        workers=spec.resources.workers,
+        placement=spec.resources.placement,
     )
 
 

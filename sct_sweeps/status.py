@@ -78,6 +78,13 @@ def _last_error(trial: Any) -> str:
     return lines[-1][:80] if lines else ""
 
 
+def _nodes(last: dict) -> str:
+    """The node of a trial's latest result; of a multi-worker trial its workers' distinct nodes (rank 0's first)."""
+    ids = str(last.get("nodes") or last.get("node_id") or "").split(",")
+    short = list(dict.fromkeys(i[:12] for i in ids if i))
+    return ",".join(short) or str(last.get("node_ip", "") or "-")
+
+
 def trial_identity(spec: SweepSpec, config: dict[str, Any]) -> tuple[str, str]:
     """A trial's MLflow run name and its swept values (`seed=0, sct.ref_batch=all`) from its Ray config."""
     swept = swept_values(spec, config)
@@ -97,7 +104,7 @@ def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[
     rows = []
     for t in sorted(analysis.trials, key=lambda t: t.trial_id):
         last = t.last_result or {}
-        node = str(last.get("node_id", ""))[:12] or str(last.get("node_ip", "") or "-")
+        node = _nodes(last)
         best = _best(t, spec.metric, spec.mode)
         it = last.get("iteration")
         state = states.get(t.trial_id, t.status)

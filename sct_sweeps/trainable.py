@@ -23,7 +23,7 @@ from sct_sweeps.config import SweepSpec
 from sct_sweeps.pretrain import cache_path, with_pretrain
 from sct_sweeps.space import run_name, swept_values, trial_config
 from sct_sweeps.stores import is_local
-from trainer.config import override
+from trainer.config import TrainConfig, override
 from trainer.fingerprint import needs_pretrain
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,10 @@ class SweepContext:
     pretrain_cache: str  # absolute
     results_dir: str  # absolute: <storage>/<sweep name>
     log_level: str = "WARNING"  # of the trial's loggers (the driver's level; INFO with --verbose)
+    resources: Mapping[str, float] = dataclasses.field(default_factory=dict)  # {cpu, gpu} per trial / per worker
 
 
-def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -52,35 +53,42 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def reaches_ray(metrics: Mapping[str, float], checkpoint_dir: Path | None) -> bool:
+    """Whether a report goes to Ray too: evaluations (FID) and checkpoints; losses go to MLflow only."""
+    return checkpoint_dir is not None or any(k.startswith("fid_") for k in metrics)
+
+
 class TuneReporter:
     """The trainer's Reporter: every report goes to MLflow (sent in batches); evaluations (with
-    checkpoints) go to Ray too, after the batch is sent."""
+    checkpoints) go to Ray too, after the batch is sent. `where` ({node_id, ...}) rides along in Ray's results."""
 
-    def __init__(self, tracker: tracking.TrialTracker, node_id: str) -> None:
+    def __init__(self, tracker: tracking.TrialTracker, where: Mapping[str, str]) -> None:
         self.tracker = tracker
-        self.node_id = node_id
+        self.where = dict(where)
         self.latest: dict[str, float] = {}  # last value of every metric: Ray results carry them all
 
     def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None:
-        """Log `metrics` at `step` to MLflow; at an evaluation also `tune.report` (with the checkpoint)."""
-        from ray import tune
-
-        values = _numeric(metrics)
+        """Log `metrics` at `step` to MLflow; at an evaluation also report to Ray (with the checkpoint)."""
+        values = numeric_metrics(metrics)
         self.latest.update(values)
         self.tracker.log_metrics(values, step)
-        if checkpoint_dir is None and not any(k.startswith("fid_") for k in values):
+        if not reaches_ray(values, checkpoint_dir):
             return
         self.tracker.flush()  # everything up to a checkpoint is in MLflow before Ray has the checkpoint
-        result: dict[str, Any] = {**self.latest, "iteration": step, "node_id": self.node_id}
+        result: dict[str, Any] = {**self.latest, "iteration": step, **self.where}
         if any(not math.isfinite(v) for v in values.values()):
             log.warning("non-finite metric at step %d: %s", step, values)
-        if checkpoint_dir is None:
-            tune.report(result)
-            return
-        ckpt = Path(checkpoint_dir)
-        meta = {"run_id": self.tracker.run_id, "trial_id": self.tracker.trial_id, "step": step}
-        (ckpt / RUN_FILE).write_text(json.dumps(meta))
-        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+        if checkpoint_dir is not None:
+            meta = {"run_id": self.tracker.run_id, "trial_id": self.tracker.trial_id, "step": step}
+            (Path(checkpoint_dir) / RUN_FILE).write_text(json.dumps(meta))
+        self.send(result, checkpoint_dir)
+
+    def send(self, result: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        """To Ray Tune (a one-process trial)."""
+        from ray import tune
+
+        ckpt = None if checkpoint_dir is None else tune.Checkpoint.from_directory(str(checkpoint_dir))
+        tune.report(result, checkpoint=ckpt)
 
     def log_artifact(self, path: Path) -> None:
         """Sample grids and other files: to the trial's MLflow run; a grid `grid_<k>step_it<n>.png` also as
@@ -94,7 +102,6 @@ class TuneReporter:
 def _older_checkpoints(ckpt: Any) -> list[Any]:
     """The trial's checkpoints in storage older than `ckpt`, newest first (Ray keeps `num_to_keep`)."""
     from pyarrow import fs
-    from ray import tune
 
     parent, _, name = ckpt.path.rstrip("/").rpartition("/")
     try:
@@ -103,7 +110,7 @@ def _older_checkpoints(ckpt: Any) -> list[Any]:
         return []
     older = [i for i in infos if i.type == fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
     older = sorted((i for i in older if i.base_name < name), key=lambda i: i.base_name, reverse=True)
-    return [tune.Checkpoint(i.path, filesystem=ckpt.filesystem) for i in older]
+    return [type(ckpt)(i.path, filesystem=ckpt.filesystem) for i in older]
 
 
 def _copy_checkpoint(ckpt: Any, dest: Path) -> tuple[Path, dict[str, Any]]:
@@ -114,17 +121,24 @@ def _copy_checkpoint(ckpt: Any, dest: Path) -> tuple[Path, dict[str, Any]]:
     return path, (json.loads(run_file.read_text()) if run_file.is_file() else {})
 
 
-def _restore_dir(workdir: Path) -> tuple[Path | None, dict[str, Any], str | None]:
-    """The trial's last good Ray checkpoint as a local directory, what it says, and why newer ones were
-    skipped: a truncated or corrupt `state.pt` falls back to the previous checkpoint."""
-    from ray import tune
+@dataclasses.dataclass(frozen=True)
+class Restore:
+    """Where a trial goes on from: a local copy of its last good checkpoint (None: from the start), what
+    the checkpoint says (run id, step), and why newer checkpoints were skipped."""
 
+    path: Path | None = None
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    skipped: str | None = None
+
+
+def restore_dir(ckpt: Any, workdir: Path) -> Restore:
+    """Ray checkpoint `ckpt` (None: nothing to restore) or, if its `state.pt` is truncated or corrupt,
+    the newest usable one before it, copied to `workdir`/resume."""
     from trainer.checkpoint import load_checkpoint
     from trainer.errors import CheckpointError
 
-    ckpt = tune.get_checkpoint()
     if ckpt is None:
-        return None, {}, None
+        return Restore()
     skipped: list[str] = []
     for candidate in [ckpt, *_older_checkpoints(ckpt)]:
         path, meta = _copy_checkpoint(candidate, workdir / "resume")
@@ -135,9 +149,9 @@ def _restore_dir(workdir: Path) -> tuple[Path | None, dict[str, Any], str | None
             log.warning("trial checkpoint %s unusable (%s); trying the previous one", candidate.path, reason)
             skipped.append(f"{candidate.path}: {reason}")
             continue
-        return path, meta, "; ".join(skipped) or None
+        return Restore(path, meta, "; ".join(skipped) or None)
     # None usable: hand the trainer Ray's own choice, so the trial fails with the CheckpointError naming it.
-    return *_copy_checkpoint(ckpt, workdir / "resume"), "; ".join(skipped)
+    return Restore(*_copy_checkpoint(ckpt, workdir / "resume"), "; ".join(skipped))
 
 
 def _final_checkpoint(trial_dir: Path, iterations: int) -> Path | None:
@@ -170,69 +184,98 @@ def _record_checkpoint(tracker: tracking.TrialTracker, ckpt: Path | None) -> Non
         tracker.log_artifact(Path(ckpt) / "state.pt", schema.CHECKPOINT_DIR)
 
 
-def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
-    """Ray Tune function trainable: train one TrainConfig, logging to its one MLflow child run."""
-    import ray
-    from ray import tune
-
-    from trainer.edm_pickle import pretrained_config
-    from trainer.train import train
-
+def setup_logging(ctx: SweepContext) -> None:
+    """The trial process's loggers at the driver's level; MLflow HTTP calls fail fast."""
     logging.basicConfig(level=ctx.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger("ray.train").setLevel(max(logging.INFO, logging.getLevelName(ctx.log_level)))  # per-ckpt lines
     tracking.fail_fast_http()
-    spec = ctx.spec
-    trial_id = tune.get_context().get_trial_id()
-    workdir = trainer_dir(ctx, trial_id)
-    workdir.mkdir(parents=True, exist_ok=True)
-    swept = swept_values(spec, config)
-    cfg = override(trial_config(spec, config), {"out_dir": workdir / "out"})
-    node_id = ray.get_runtime_context().get_node_id()
-    resume_from, meta, skipped = _restore_dir(workdir)
+
+
+def trial_cfg(ctx: SweepContext, config: dict[str, Any], out_dir: Path) -> TrainConfig:
+    """The TrainConfig one trial trains (its Ray config merged into the base), writing to `out_dir`."""
+    return override(trial_config(ctx.spec, config), {"out_dir": out_dir})
+
+
+def planned_config(ctx: SweepContext, cfg: TrainConfig) -> TrainConfig:
+    """`cfg` as it will train: with the shared phase-one checkpoint, and a given EDM/EDM2 pickle's network."""
+    from trainer.edm_pickle import pretrained_config
+
     cache = Path(ctx.pretrain_cache)
     planned = override(cfg, {"pretrain.checkpoint": cache_path(cfg, cache)}) if needs_pretrain(cfg) else cfg
-    planned = pretrained_config(planned)  # a given EDM/EDM2 pickle brings its network: log that one
-    params, path_tags = tracking.flatten(planned)  # as trained: with the shared phase-one checkpoint
-    tags = {schema.axis_tag(p): str(v) for p, v in swept.items()} | path_tags
-    tags[schema.NODE_ID] = node_id
-    tracker = tracking.TrialTracker(
+    return pretrained_config(planned)
+
+
+def trial_tracker(
+    ctx: SweepContext,
+    config: dict[str, Any],
+    cfg: TrainConfig,
+    *,
+    trial_id: str,
+    run_id: str | None,
+    tags: Mapping[str, str],
+) -> tracking.TrialTracker:
+    """The tracker of the trial's one MLflow run (not opened yet): `run_id` from a checkpoint reattaches
+    to it, else the run is found by trial id or created."""
+    spec = ctx.spec
+    swept = swept_values(spec, config)
+    params, path_tags = tracking.flatten(planned_config(ctx, cfg))  # as trained: with the shared phase one
+    return tracking.TrialTracker(
         uri=ctx.tracking_uri,
         experiment_id=ctx.experiment_id,
         parent_run_id=ctx.parent_run_id,
         sweep=spec.name,
         trial_id=trial_id,
         run_name=run_name(cfg, swept),
-        tags=tags,
+        tags={**{schema.axis_tag(p): str(v) for p, v in swept.items()}, **path_tags, **tags},
         params=params,
         lost_dir=Path(ctx.results_dir) / "mlflow_lost",
-        run_id=meta.get("run_id"),
+        run_id=run_id,
         flush_every_s=spec.mlflow_flush_s,
     )
+
+
+def finished_run(tracker: tracking.TrialTracker, cfg: TrainConfig) -> Any | None:
+    """The trial's MLflow run if it already finished its whole budget (the driver died before Ray knew)."""
     done = tracker.peek()
     if done is not None and done.info.status == "FINISHED" and done.data.metrics.get("iteration") == cfg.iterations:
-        # It finished, but the driver died before Ray recorded that: hand Ray the result, train nothing.
-        log.info("trial %s already finished in MLflow run %s", trial_id, done.info.run_id)
-        final = _final_checkpoint(Path(ctx.results_dir) / trial_id, cfg.iterations)
-        result = {**done.data.metrics, "iteration": cfg.iterations, "node_id": node_id}
-        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(final)) if final else None)
-        return
+        log.info("trial %s already finished in MLflow run %s", tracker.trial_id, done.info.run_id)
+        return done
+    return None
+
+
+def train_tracked(
+    tracker: tracking.TrialTracker,
+    cfg: TrainConfig,
+    *,
+    ctx: SweepContext,
+    reporter: Any,
+    restore: Restore,
+    tags: Mapping[str, str],
+    workdir: Path,
+) -> None:
+    """Open (or reattach) the trial's MLflow run, tag it, train (files in `workdir`), record the final
+    checkpoint, and end the run with how training ended."""
+    from trainer.train import train
+
+    planned = planned_config(ctx, cfg)
     tracker.start()
-    tracker.set_tag(schema.NODE_ID, node_id)  # the node of the latest attempt
+    for key, value in tags.items():  # of the latest attempt
+        tracker.set_tag(key, value)
     try:
-        cfg = with_pretrain(cfg, cache)
+        cfg = with_pretrain(cfg, Path(ctx.pretrain_cache))
         if cfg.pretrain.checkpoint is not None:
             tracker.set_tag(schema.PRETRAIN_CHECKPOINT, str(cfg.pretrain.checkpoint))
-        if resume_from is not None:
-            log.info("trial %s resumes from %s", trial_id, resume_from)
-            tracker.set_tag(schema.RESUMED_FROM, str(meta.get("step", "?")))
-            if skipped:
-                tracker.set_tag(schema.SKIPPED_CHECKPOINTS, skipped)
+        if restore.path is not None:
+            log.info("trial %s resumes from %s", tracker.trial_id, restore.path)
+            tracker.set_tag(schema.RESUMED_FROM, str(restore.meta.get("step", "?")))
+            if restore.skipped:
+                tracker.set_tag(schema.SKIPPED_CHECKPOINTS, restore.skipped)
         config_file = workdir / schema.CONFIG_ARTIFACT
         config_file.write_text(yaml.safe_dump(planned.model_dump(mode="json"), sort_keys=False))
         tracker.log_artifact(config_file)  # the resolved TrainConfig, as trained
-        result = train(cfg, reporter=TuneReporter(tracker, node_id), resume_from=resume_from)
-        _record_checkpoint(tracker, _final_checkpoint(Path(ctx.results_dir) / trial_id, cfg.iterations)
-                           or result.checkpoint_dir)
+        result = train(cfg, reporter=reporter, resume_from=restore.path)
+        final = _final_checkpoint(Path(ctx.results_dir) / tracker.trial_id, cfg.iterations)
+        _record_checkpoint(tracker, final or result.checkpoint_dir)
     except SystemExit:  # Ray stopped the trial (scheduler decision or sweep end) inside tune.report
         tracker.set_tag(schema.STOPPED, "by scheduler")
         tracker.finish("FINISHED", finish_wait_s=30.0)
@@ -247,4 +290,34 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     shutil.rmtree(workdir / "resume", ignore_errors=True)  # Ray's checkpoint, copied here to resume from
     lost = tracker.finish("FINISHED")
     if lost:
-        log.error("trial %s finished, but %d MLflow entries were not delivered (see above)", trial_id, lost)
+        log.error("trial %s finished, but %d MLflow entries were not delivered (see above)", tracker.trial_id, lost)
+
+
+def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
+    """Ray Tune function trainable: train one TrainConfig, logging to its one MLflow child run
+    (`resources.workers > 1`: as a Ray Train run of that many data-parallel workers, `dataparallel.py`)."""
+    import ray
+    from ray import tune
+
+    if ctx.spec.resources.workers > 1:
+        from sct_sweeps.dataparallel import run_workers
+
+        run_workers(config, ctx)
+        return
+    setup_logging(ctx)
+    trial_id = tune.get_context().get_trial_id()
+    workdir = trainer_dir(ctx, trial_id)
+    workdir.mkdir(parents=True, exist_ok=True)
+    node_id = ray.get_runtime_context().get_node_id()
+    restore = restore_dir(tune.get_checkpoint(), workdir)
+    tags = {schema.NODE_ID: node_id}
+    cfg = trial_cfg(ctx, config, workdir / "out")
+    tracker = trial_tracker(ctx, config, cfg, trial_id=trial_id, run_id=restore.meta.get("run_id"), tags=tags)
+    done = finished_run(tracker, cfg)
+    if done is not None:  # hand Ray the result, train nothing
+        final = _final_checkpoint(Path(ctx.results_dir) / trial_id, cfg.iterations)
+        result = {**done.data.metrics, "iteration": cfg.iterations, "node_id": node_id}
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(final)) if final else None)
+        return
+    reporter = TuneReporter(tracker, {"node_id": node_id})
+    train_tracked(tracker, cfg, ctx=ctx, reporter=reporter, restore=restore, tags=tags, workdir=workdir)

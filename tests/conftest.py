@@ -30,6 +30,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 pytest_plugins = ["_device"]  # SCT_TEST_DEVICE fixture (tests/_device.py)
 
@@ -280,6 +281,17 @@ def tiny_spec(name: str, pretrain_cache: Path, seeds: list[int] | None = None, i
         "resources": {"cpu": 1},
         "pretrain_cache": str(pretrain_cache),
     }
+
+
+def run_sweep_cli(spec: dict, workdir: Path, env: dict[str, str], trials: int) -> subprocess.CompletedProcess:
+    """`sct-sweep run` of `spec` (written to `workdir`) on 2 CPUs; asserts it ran `trials` trials, none failed."""
+    path = workdir / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cmd = [sct_sweep(), "run", str(path), "--num-cpus", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert f"sweep {spec['name']}: {trials} trials, 0 failed" in done.stdout, done.stdout
+    return done
 
 
 @contextmanager

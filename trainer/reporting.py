@@ -22,7 +22,8 @@ class Reporter(Protocol):
 
 
 class SilentReporter:
-    """The reporter of a data-parallel rank other than 0: only rank 0 reports and checkpoints."""
+    """The reporter of a data-parallel rank other than 0: only rank 0 reports and checkpoints. A reporter
+    with `every_rank = True` is kept on every rank instead (Ray Train needs each worker's reports)."""
 
     def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None:
         pass

@@ -221,7 +221,7 @@ def _start(cfg: TrainConfig, reporter: Reporter | None, resume_from: Path | None
     if cfg.compile:
         model.net.compile()  # in place: checkpoint keys keep their names
     bad_model = build_model(cfg, data).to(device).eval().requires_grad_(False)
-    if not world.is_main:
+    if not world.is_main and not getattr(reporter, "every_rank", False):
         reporter = SilentReporter()
     return Run(cfg=cfg, device=device, data=data, out_dir=out_dir, reporter=reporter or JsonlReporter(out_dir),
                state=state, n_params=count_parameters(model.net), replay=replays_dropout(device, cfg.compile),
