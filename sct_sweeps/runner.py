@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from sct_sweeps.stores import Stores, is_local, resolve_stores
 log = logging.getLogger(__name__)
 
 DRIVER_MEMORY = 256 * 1024**2  # bytes a multi-worker trial's driver function asks Ray for (it holds no CPU)
+STOPPED_DRIVER_GRACE_S = 20  # a stopped multi-worker trial's driver is killed after this long
 
 
 # -- MLflow ------------------------------------------------------------------------------------
@@ -293,6 +295,8 @@ def _drive(
         raise
     pretrain_s = time.perf_counter() - t_pre
     before: dict[str, float] = {}
+    if spec.resources.workers > 1:  # a stopped trial's actor holds its Ray Train workers until it is gone: end it
+        os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_DRIVER_GRACE_S))  # soon (Tune's default: 600)
     if not fresh and tune.Tuner.can_restore(record.results_dir):
         before = _trial_seconds(record.results_dir)
         orphans = retire_orphans(record)
