@@ -2,7 +2,7 @@
 
     python bench/tracking_cost.py [--reports 100] [--interval 0.6] [--rounds 2]
 
-A `sct_sweeps.tracking.TrialTracker` on a fresh SQLite store (the default store of a sweep) gets
+A `sct_sweeps.TrialTracker` on a fresh SQLite store (the default store of a sweep) gets
 `--reports` reports of the metrics the trainer logs every `log_every` iterations (loss, iteration,
 images seen, FLOPs, wall and CPU seconds, stage, ESS: 9 values), one every `--interval` seconds —
 0.6 s is `bench/sweep_overhead.py`'s trial at 1 thread (10 iterations of ~60 ms). Timed: the
@@ -25,6 +25,7 @@ from pathlib import Path
 from common import conditions, load_average, median, print_conditions, table
 
 from sct_sweeps import tracking
+from sct_sweeps.trial_tracker import TrialTracker
 
 KEYS = ("loss", "iteration", "images_seen", "flops", "wall_s", "cpu_s", "eval_s", "stage", "ess")
 
@@ -38,7 +39,7 @@ def run(flush_every_s: float, reports: int, interval: float) -> float:
         exp = tracking.ensure_experiment(client, "cost", root / "artifacts")
         parent = tracking.start_parent_run(client, exp, "cost", {}, "name: cost\n", root)
         params = {f"p{i}": str(i) for i in range(100)}  # a trial's run has ~100 settings as params
-        tracker = tracking.TrialTracker(uri=uri, experiment_id=exp, parent_run_id=parent, sweep="cost", trial_id="t0",
+        tracker = TrialTracker(uri=uri, experiment_id=exp, parent_run_id=parent, sweep="cost", trial_id="t0",
                                         run_name="run", tags={}, params=params, flush_every_s=flush_every_s)
         tracker.start()
         c0 = time.thread_time()

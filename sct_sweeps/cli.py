@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import sys
@@ -19,10 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from sct_sweeps.errors import EXIT_USER_ERROR, SweepError, user_message
+from sct_sweeps.console import (
+    err,
+    exit_status,
+    fit_json,
+    out,
+    pretrain_progress,
+    print_json,
+    print_outcome,
+    user_errors,
+    working,
+)
+from sct_sweeps.errors import SweepError
 
 app = typer.Typer(
     help="Train, sweep (Ray Tune) and track (MLflow) consistency models trained by SCT / ECT / iCT.",
@@ -31,9 +40,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-# Piped (not a terminal), rich would lay tables out for 80 columns and cut or fold them: give it room.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
-err = Console(stderr=True)
+
 
 ADDRESS = typer.Option(
     None, "--address", envvar="RAY_ADDRESS", help="Ray cluster to run on (e.g. 10.0.0.1:6379); default: embedded."
@@ -51,35 +58,6 @@ OVERRIDES = typer.Argument(
     None, metavar="[KEY=VALUE]...",
     help="Settings over the YAML's, validated with it: base.iterations=50, search.seed.grid=[0,1].",
 )
-
-
-def _working(what: str) -> Any:
-    """A spinner on stderr while a command works for more than a moment (shown on a terminal only)."""
-    return err.status(what, spinner="dots")
-
-
-def _print_json(data: Any) -> None:
-    """`data` as JSON on stdout (plain print: no markup, no wrapping)."""
-    print(json.dumps(data, indent=2, default=str))
-
-
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors into one line on stderr and exit code 2; let bugs show their traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except Exception as e:
-            msg = user_message(e)
-            if msg is None:
-                raise
-            err.print(f"error: {msg}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
-
-    return wrapper
 
 
 def _print_version(value: bool) -> None:
@@ -111,41 +89,6 @@ def _stores_of(name: str, storage: Path | None, given: str | None) -> Any:
     return stores
 
 
-def _print_outcome(outcome: Any) -> None:
-    r = outcome.record
-    out.print(
-        f"sweep {r.name}: {outcome.trials} trials, {outcome.errors} failed, wall {outcome.wall_s:.0f} s\n"
-        f"  results: {r.results_dir}\n  MLflow: {r.tracking_uri} (experiment {r.experiment_id}, "
-        f"parent run {r.parent_run_id})"
-    )
-    for line in outcome.overhead_lines():
-        out.print(f"  {line}")
-    if outcome.errors:
-        err.print(f"{outcome.errors} trial(s) failed: `sct-sweep status {r.name}` shows why (MLflow tag sct.error)")
-
-
-def _exit_status(outcome: Any) -> None:
-    """Exit 1 when every trial failed (a broken setup, not a bad trial); a partial failure still reports."""
-    if outcome.trials and outcome.errors == outcome.trials:
-        raise typer.Exit(1)
-
-
-def _pretrain_progress() -> tuple[Any, Callable[[int, int], None]]:
-    from rich.progress import Progress
-
-    progress = Progress(console=out, transient=True)
-    task = progress.add_task("pretraining", total=None)
-
-    def update(done: int, total: int) -> None:
-        if total and not progress.live.is_started:
-            progress.start()
-        progress.update(task, completed=done, total=total)
-        if done >= total:
-            progress.stop()
-
-    return progress, update
-
-
 def _after_sweep(record: Any) -> None:
     """Best effort: build and publish the report; a failure is a warning, not a failed sweep."""
     from sct_sweeps.stores import resolve_stores
@@ -163,20 +106,20 @@ def _sweep_and_report(start: Callable[..., Any], *, address: str | None, num_cpu
     """What run and resume share: `start(launch)` under a pretraining progress bar, the outcome, the report."""
     from sct_sweeps.runner import Launch
 
-    progress, on_pretrain = _pretrain_progress()
+    progress, on_pretrain = pretrain_progress()
     try:
         outcome = start(launch=Launch(address=address or None, num_cpus=num_cpus, on_pretrain=on_pretrain))
     finally:
         if progress.live.is_started:
             progress.stop()
-    _print_outcome(outcome)
+    print_outcome(outcome)
     if report:
         _after_sweep(outcome.record)
-    _exit_status(outcome)
+    exit_status(outcome)
 
 
 @app.command()
-@_user_errors
+@user_errors
 def run(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep YAML, e.g. experiments/scaling.yaml."),
     overrides: list[str] | None = OVERRIDES,
@@ -204,7 +147,7 @@ def run(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def resume(
     name: str = typer.Argument(..., help="Name of the sweep to continue."),
     storage: Path | None = STORAGE,
@@ -221,7 +164,7 @@ def resume(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def status(
     name: str | None = typer.Argument(None, help="Sweep name; without it, list every sweep."),
     storage: Path | None = STORAGE,
@@ -233,12 +176,12 @@ def status(
     if as_json:
         if name is None:
             keys = ("sweep", "trials", "states", "tracking_uri", "results")
-            _print_json([dict(zip(keys, row, strict=True)) for row in sweep_rows(storage)])
+            print_json([dict(zip(keys, row, strict=True)) for row in sweep_rows(storage)])
             return
-        with _working(f"reading {name}"):
+        with working(f"reading {name}"):
             metric, rows = trial_rows(name, storage)
         keys = ("trial_id", "run_name", "swept", "state", "node", "iteration", f"best_{metric}", "last_error")
-        _print_json({"sweep": name, "metric": metric, "states_saved_at": state_saved_at(name, storage),
+        print_json({"sweep": name, "metric": metric, "states_saved_at": state_saved_at(name, storage),
                      "trials": [dict(zip(keys, row, strict=True)) for row in rows]})
         return
     if name is None:
@@ -247,7 +190,7 @@ def status(
             table.add_row(*row)
         out.print(table if table.rows else "no sweeps yet")
         return
-    with _working(f"reading {name}"):
+    with working(f"reading {name}"):
         metric, rows = trial_rows(name, storage)
     saved = state_saved_at(name, storage)
     age = "" if saved is None else f"states saved by the driver {time.time() - saved:.0f} s ago"
@@ -262,7 +205,7 @@ def status(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def validate(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep YAML to check."),
     overrides: list[str] | None = OVERRIDES,
@@ -279,7 +222,7 @@ def validate(
         check_local_gpu(spec)
     the_plan = plan(spec, num_cpus)
     if as_json:
-        _print_json({"spec": str(spec_path), "valid": True, "name": spec.name, "algorithm": spec.algorithm,
+        print_json({"spec": str(spec_path), "valid": True, "name": spec.name, "algorithm": spec.algorithm,
                      "metric": spec.metric, "mode": spec.mode, "plan": dataclasses.asdict(the_plan)})
         return
     out.print(f"[bold]{spec_path}[/bold]: valid sweep {spec.name} ({spec.algorithm}, metric {spec.metric} {spec.mode})")
@@ -288,7 +231,7 @@ def validate(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def sample(
     checkpoint: str = typer.Argument(
         ..., help="Checkpoint file, directory holding state.pt, or a trial's MLflow run name or run id."
@@ -310,14 +253,14 @@ def sample(
     stores = resolve_stores(tracking_uri=tracking_uri)
     db = sqlite_path(stores.tracking_uri)
     uri = stores.tracking_uri if tracking_uri or (db is not None and db.is_file()) else None
-    with _working(f"sampling {n} images"):
+    with working(f"sampling {n} images"):
         path = sample_grid(resolve_checkpoint(checkpoint, uri), steps=steps, eta=eta, strength=guidance, n=n,
                            seed=seed, device=device, out=out_path)  # fmt: skip
     out.print(f"wrote {path}")
 
 
 @app.command("import-edm")
-@_user_errors
+@user_errors
 def import_edm(
     src: Path = typer.Argument(..., help="A published EDM or EDM2 network pickle (.pkl)."),
     out_file: Path = typer.Option(..., "--out", help="Pretrain checkpoint to write (.pt)."),
@@ -325,7 +268,7 @@ def import_edm(
     """Convert an EDM/EDM2 pickle (read safely, nothing in it runs) into a pretrain checkpoint."""
     from trainer.edm_pickle import import_edm as convert
 
-    with _working(f"reading {src}"):
+    with working(f"reading {src}"):
         found = convert(src, out_file)
     classes = found["classes"] or "unconditional"
     out.print(f"{src}: {found['arch']}, {found['resolution']}x{found['resolution']}x{found['channels']}, "
@@ -349,7 +292,7 @@ def _sweep_pages(mlflow_client: Any, base: str, name: str | None) -> list[str]:
 
 
 @app.command()
-@_user_errors
+@user_errors
 def ui(
     name: str | None = typer.Argument(None, help="Sweep whose runs page to print (default: every sweep)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1 = this machine only)."),
@@ -392,7 +335,7 @@ def ui(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def export(
     name: str = typer.Argument(..., help="Sweep name."),
     out_file: Path = typer.Option(..., "--out", help="Parquet file to write."),
@@ -402,13 +345,13 @@ def export(
     """Every metric history of a sweep as Parquet: one row per (trial, step), params as columns."""
     from dashboards.export import export_parquet
 
-    with _working(f"exporting {name}"):
+    with working(f"exporting {name}"):
         path = export_parquet(_stores_of(name, storage, tracking_uri).tracking_uri, name, out_file)
     out.print(f"wrote {path}")
 
 
 @app.command()
-@_user_errors
+@user_errors
 def report(
     name: str = typer.Argument(..., help="Sweep name."),
     out_dir: Path | None = typer.Option(None, "--out", help="Output directory (default <project>/reports/<name>)."),
@@ -421,13 +364,13 @@ def report(
 
     stores = _stores_of(name, storage, tracking_uri)
     out_dir = out_dir or stores.reports / name
-    with _working(f"building the report of {name}"):
+    with working(f"building the report of {name}"):
         path = (publish_report if publish else build_report)(stores.tracking_uri, name, out_dir)
     out.print(f"wrote {path}")
 
 
 @app.command()
-@_user_errors
+@user_errors
 def scaling(
     name: str = typer.Argument(..., help="Sweep name."),
     n_boot: int = typer.Option(200, "--n-boot", min=0, help="Bootstrap resamples for the exponent's CI."),
@@ -439,11 +382,11 @@ def scaling(
     from dashboards.loader import load_sweep
     from dashboards.scaling import fit_sweep
 
-    with _working(f"fitting the scaling of {name}"):
+    with working(f"fitting the scaling of {name}"):
         res = load_sweep(_stores_of(name, storage, tracking_uri).tracking_uri, name)
         fits = fit_sweep(res.history, res.fid_steps, n_boot=n_boot)
     if as_json:
-        _print_json({"sweep": name, "fits": [_fit_json(r) for r in fits]})
+        print_json({"sweep": name, "fits": [fit_json(r) for r in fits]})
         return
     table = Table("FID", "vs", "points", "a", "b", "c", "R2 (log)", "b 95% CI", title=f"scaling of {name}")
     for r in fits:
@@ -455,11 +398,3 @@ def scaling(
         ci = f"[{r.ci.low:.3g}, {r.ci.high:.3g}]" if r.ci is not None else (r.ci_error or "-")
         table.add_row(label, r.x, str(f.n_points), f"{f.a:.3g}", f"{f.b:.3g}", f"{f.c:.3g}", f"{f.r2:.3f}", ci)
     out.print(table)
-
-
-def _fit_json(r: Any) -> dict[str, Any]:
-    """One scaling fit (dashboards.scaling.fit_sweep's result) as JSON-ready data."""
-    f, ci = r.fit, r.ci
-    return {"fid_steps": r.steps, "vs": r.x, "points": len(r.C), "error": r.error,
-            "a": f.a if f else None, "b": f.b if f else None, "c": f.c if f else None, "r2": f.r2 if f else None,
-            "b_ci95": [ci.low, ci.high] if ci is not None else None, "ci_error": r.ci_error}

@@ -23,6 +23,7 @@ from sct_sweeps.config import SweepSpec
 from sct_sweeps.pretrain import cache_path, with_pretrain
 from sct_sweeps.space import run_name, swept_values, trial_config
 from sct_sweeps.stores import is_local
+from sct_sweeps.trial_tracker import TrialTracker
 from trainer.config import TrainConfig, override
 from trainer.fingerprint import needs_pretrain
 
@@ -62,7 +63,7 @@ class TuneReporter:
     """The trainer's Reporter: every report goes to MLflow (sent in batches); evaluations (with
     checkpoints) go to Ray too, after the batch is sent. `where` ({node_id, ...}) rides along in Ray's results."""
 
-    def __init__(self, tracker: tracking.TrialTracker, where: Mapping[str, str]) -> None:
+    def __init__(self, tracker: TrialTracker, where: Mapping[str, str]) -> None:
         self.tracker = tracker
         self.where = dict(where)
         self.latest: dict[str, float] = {}  # last value of every metric: Ray results carry them all
@@ -173,7 +174,7 @@ def trainer_dir(ctx: SweepContext, trial_id: str) -> Path:
     return Path(ctx.results_dir) / TRAINER_DIR / trial_id
 
 
-def _record_checkpoint(tracker: tracking.TrialTracker, ckpt: Path | None) -> None:
+def _record_checkpoint(tracker: TrialTracker, ckpt: Path | None) -> None:
     """Tag the run with its final checkpoint directory; upload `state.pt` too when the store is a server
     (its artifacts are then reachable from any machine)."""
     if ckpt is None:
@@ -213,13 +214,13 @@ def trial_tracker(
     trial_id: str,
     run_id: str | None,
     tags: Mapping[str, str],
-) -> tracking.TrialTracker:
+) -> TrialTracker:
     """The tracker of the trial's one MLflow run (not opened yet): `run_id` from a checkpoint reattaches
     to it, else the run is found by trial id or created."""
     spec = ctx.spec
     swept = swept_values(spec, config)
     params, path_tags = tracking.flatten(planned_config(ctx, cfg))  # as trained: with the shared phase one
-    return tracking.TrialTracker(
+    return TrialTracker(
         uri=ctx.tracking_uri,
         experiment_id=ctx.experiment_id,
         parent_run_id=ctx.parent_run_id,
@@ -234,7 +235,7 @@ def trial_tracker(
     )
 
 
-def finished_run(tracker: tracking.TrialTracker, cfg: TrainConfig) -> Any | None:
+def finished_run(tracker: TrialTracker, cfg: TrainConfig) -> Any | None:
     """The trial's MLflow run if it already finished its whole budget (the driver died before Ray knew)."""
     done = tracker.peek()
     if done is not None and done.info.status == "FINISHED" and done.data.metrics.get("iteration") == cfg.iterations:
@@ -244,7 +245,7 @@ def finished_run(tracker: tracking.TrialTracker, cfg: TrainConfig) -> Any | None
 
 
 def train_tracked(
-    tracker: tracking.TrialTracker,
+    tracker: TrialTracker,
     cfg: TrainConfig,
     *,
     ctx: SweepContext,

@@ -132,7 +132,7 @@ def test_piped_tables_are_not_cut_at_80_columns(project: Path) -> None:
 
     long_name = "w" * 150
     out = subprocess.run([sys.executable, "-c",
-                          "from rich.table import Table; from sct_sweeps.cli import out; "
+                          "from rich.table import Table; from sct_sweeps.console import out; "
                           f"t = Table('sweep', 'store'); t.add_row('{long_name}', 'x'); out.print(t)"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and long_name in out.stdout, out.stdout

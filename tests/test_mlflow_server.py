@@ -24,6 +24,7 @@ from conftest import (
 )
 
 from sct_sweeps import tracking
+from sct_sweeps.trial_tracker import TrialTracker
 
 
 def rest(url: str, path: str, body: dict | None = None, **query: str) -> dict:
@@ -42,8 +43,8 @@ def _parent(uri: str, name: str) -> tuple[str, str]:
     return exp, run
 
 
-def _tracker(uri: str, exp: str, parent: str, tmp_path: Path, trial: str = "t0") -> tracking.TrialTracker:
-    return tracking.TrialTracker(
+def _tracker(uri: str, exp: str, parent: str, tmp_path: Path, trial: str = "t0") -> TrialTracker:
+    return TrialTracker(
         uri=uri, experiment_id=exp, parent_run_id=parent, sweep="outage", trial_id=trial, run_name=f"run-{trial}",
         tags={"sct.axis.seed": "0"}, params={"seed": "0"}, lost_dir=tmp_path / "lost",
     )  # fmt: skip

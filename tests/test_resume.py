@@ -24,6 +24,7 @@ from conftest import (
 )
 
 from sct_sweeps import tracking
+from sct_sweeps.trial_tracker import TrialTracker
 
 
 def test_tracker_reattaches_to_its_run_without_duplicate_steps(sqlite_uri: str, tmp_path: Path) -> None:
@@ -31,8 +32,8 @@ def test_tracker_reattaches_to_its_run_without_duplicate_steps(sqlite_uri: str, 
     exp = tracking.ensure_experiment(client, "reattach", tmp_path / "art")
     parent = tracking.start_parent_run(client, exp, "reattach", {}, "name: reattach\n", tmp_path)
 
-    def tracker(trial: str) -> tracking.TrialTracker:
-        return tracking.TrialTracker(uri=sqlite_uri, experiment_id=exp, parent_run_id=parent, sweep="reattach",
+    def tracker(trial: str) -> TrialTracker:
+        return TrialTracker(uri=sqlite_uri, experiment_id=exp, parent_run_id=parent, sweep="reattach",
                                      trial_id=trial, run_name=f"r-{trial}", tags={}, params={"seed": "0"})
 
     first = tracker("t0")
@@ -63,7 +64,7 @@ def test_tracker_sends_metrics_in_batches(sqlite_uri: str, tmp_path: Path) -> No
     client = tracking.client(sqlite_uri)
     exp = tracking.ensure_experiment(client, "batched", tmp_path / "art")
     parent = tracking.start_parent_run(client, exp, "batched", {}, "name: batched\n", tmp_path)
-    tracker = tracking.TrialTracker(uri=sqlite_uri, experiment_id=exp, parent_run_id=parent, sweep="batched",
+    tracker = TrialTracker(uri=sqlite_uri, experiment_id=exp, parent_run_id=parent, sweep="batched",
                                     trial_id="t0", run_name="r", tags={}, params={}, flush_every_s=3600.0)
     tracker.start()
 
