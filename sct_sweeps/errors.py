@@ -41,6 +41,10 @@ class TrackingError(SweepError):
     """The MLflow tracking store cannot be reached or used."""
 
 
+class RecurringTrialError(SweepError):
+    """A retried trial whose earlier attempt ended in an error that recurs on every attempt."""
+
+
 class StorageError(SweepError):
     """A directory the sweep writes to is read-only, full, or not ours to write."""
 

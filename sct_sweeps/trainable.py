@@ -20,11 +20,13 @@ import yaml
 
 from sct_sweeps import schema, tracking
 from sct_sweeps.config import SweepSpec
+from sct_sweeps.errors import RecurringTrialError
 from sct_sweeps.pretrain import cache_path, with_pretrain
 from sct_sweeps.space import run_name, swept_values, trial_config
 from sct_sweeps.stores import is_local
 from sct_sweeps.trial_tracker import TrialTracker
 from trainer.config import TrainConfig, override
+from trainer.errors import ConfigError, DataError, DivergenceError
 from trainer.fingerprint import needs_pretrain
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,21 @@ def finished_run(tracker: TrialTracker, cfg: TrainConfig) -> Any | None:
     return None
 
 
+# Errors a retry meets again: the loss diverges from the same checkpoint with the same RNG state, a setting
+# or the data is wrong. Ray's retries of such a trial end at once instead of training again.
+RECURRING_ERRORS = (DivergenceError, ConfigError, DataError)
+
+
+def _refuse_a_recurring_error(tracker: TrialTracker) -> None:
+    """End this attempt at once, FAILED with the same error, if an earlier one ended in a recurring error."""
+    run = tracker.peek()
+    recurring = run.data.tags.get(schema.RECURRING) if run is not None else None
+    if recurring:
+        tracker.set_tag(schema.NOT_RETRIED, "an earlier attempt ended in an error that recurs on every attempt")
+        tracker.finish("FAILED", error=recurring)
+        raise RecurringTrialError(recurring)
+
+
 def train_tracked(
     tracker: TrialTracker,
     cfg: TrainConfig,
@@ -262,6 +279,7 @@ def train_tracked(
     tracker.start()
     for key, value in tags.items():  # of the latest attempt
         tracker.set_tag(key, value)
+    _refuse_a_recurring_error(tracker)
     try:
         cfg = with_pretrain(cfg, Path(ctx.pretrain_cache))
         if cfg.pretrain.checkpoint is not None:
@@ -286,6 +304,8 @@ def train_tracked(
         raise
     except BaseException as e:
         message = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        if isinstance(e, RECURRING_ERRORS):  # the same seed and checkpoint bring it back: retrying is waste
+            tracker.set_tag(schema.RECURRING, message)
         tracker.finish("FAILED", error=message, details=traceback.format_exc())
         raise
     shutil.rmtree(workdir / "resume", ignore_errors=True)  # Ray's checkpoint, copied here to resume from

@@ -149,9 +149,12 @@ def test_trial_faults_do_not_stop_the_sweep(
     assert _steps(client, good.info.run_id, "fid_1step") == list(range(0, ITERATIONS + 10, 10))
     assert_no_duplicate_steps(client, good)
 
-    # The diverging trial: retried max_failures times, then FAILED with the reason, never a NaN curve.
+    # The diverging trial: FAILED with the reason, never a NaN curve. Divergence recurs from the same checkpoint,
+    # so Ray's retry (max_failures) ended at once without training again.
     assert bad.info.status == "FAILED"
-    assert bad.data.tags["sct.attempts"] == "2" and bad.data.tags["sct.resumed_from"] == "0"  # its checkpoint
+    assert bad.data.tags["sct.attempts"] == "2" and "sct.not_retried" in bad.data.tags
+    assert bad.data.tags["sct.recurring_error"].startswith("DivergenceError")
+    assert_no_duplicate_steps(client, bad)  # the retry logged nothing
     error = bad.data.tags["sct.error"]
     assert error.startswith("DivergenceError: sct loss became") and "lower optim.lr" in error, error
     assert all(math.isfinite(m.value) for m in client.get_metric_history(bad.info.run_id, "loss"))
