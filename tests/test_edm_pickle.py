@@ -250,7 +250,11 @@ def test_written_edm_format_reads_back_without_running_module_src(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_sweep_from_a_pickle_pretrains_nothing(tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path) -> None:
+def test_sweep_from_a_pickle_pretrains_nothing(
+    tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path, folder_run: dict
+) -> None:
+    """A sweep whose `pretrain.checkpoint` is the DDPM++ fixture (made by EDM's own code) tunes from it:
+    no phase one is built, and every trial logs the file's network."""
     import subprocess
 
     import yaml
@@ -258,13 +262,13 @@ def test_sweep_from_a_pickle_pretrains_nothing(tmp_path: Path, cli_env: dict[str
 
     from sct_sweeps import tracking
 
-    raw = tiny_spec("frompkl", pretrain_cache, seeds=[0, 1], iterations=10)
-    del raw["base"]["network"]  # left at defaults: the file's network is taken
-    raw["base"]["pretrain"]["checkpoint"] = str(digits_pickle(tmp_path / "digits.pkl"))
+    raw = tiny_spec("frompkl", pretrain_cache, seeds=[0, 1], iterations=5)
+    raw["base"] = {**folder_run, "method": "sct", "pretrain": {"checkpoint": str(fixture("ddpmpp_uncond_tiny"))}}
     spec = tmp_path / "frompkl.yaml"
     spec.write_text(yaml.safe_dump(raw))
     before = sorted(pretrain_cache.rglob("*"))
-    done = subprocess.run([sct_sweep(), "run", str(spec), "--num-cpus", "2", "--no-report"], env=cli_env,
+    env = {**cli_env, "SCT_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sct_sweep(), "run", str(spec), "--num-cpus", "2", "--no-report"], env=env,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 trials, 0 failed" in done.stdout, done.stdout
@@ -274,5 +278,5 @@ def test_sweep_from_a_pickle_pretrains_nothing(tmp_path: Path, cli_env: dict[str
     children = client.search_runs([exp.experiment_id], "tags.`sct.role` = 'trial'")
     assert len(children) == 2
     for c in children:
-        assert c.info.status == "FINISHED"
-        assert (c.data.params["network.arch"], c.data.params["network.model_channels"]) == ("ddpmpp", "8")
+        assert c.info.status == "FINISHED" and c.data.metrics["fid_1step"] > 0
+        assert (c.data.params["network.arch"], c.data.params["network.model_channels"]) == ("ddpmpp", "16")
