@@ -257,7 +257,7 @@ def _refuse_a_recurring_error(tracker: TrialTracker) -> None:
     recurring = run.data.tags.get(schema.RECURRING) if run is not None else None
     if recurring:
         tracker.set_tag(schema.NOT_RETRIED, "an earlier attempt ended in an error that recurs on every attempt")
-        tracker.finish("FAILED", error=recurring)
+        tracker.finish("FAILED", error=recurring, keep_details=True)  # error.txt: the first attempt's traceback
         raise RecurringTrialError(recurring)
 
 

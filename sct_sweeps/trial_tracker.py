@@ -266,16 +266,19 @@ class TrialTracker:
         error: str | None = None,
         details: str | None = None,
         finish_wait_s: float = 120.0,
+        keep_details: bool = False,
     ) -> int:
         """Deliver what waits (retrying up to `finish_wait_s`), then end the run; returns entries lost.
 
-        `error` (one line) becomes tag ``sct.error``; `details` (a traceback) artifact ``error.txt`` (schema.py).
+        `error` (one line) becomes tag ``sct.error``; `details` (a traceback) artifact ``error.txt`` (schema.py);
+        `keep_details` leaves an earlier attempt's ``error.txt`` as it is (this attempt has no traceback of its own).
         """
         if error is not None:
             self._late_tags[schema.ERROR] = error[:8000]
-            err_file = self._staging / schema.ERROR_ARTIFACT
-            err_file.write_text(details or error)
-            self._artifacts.append((err_file, None, None))
+            if not keep_details:
+                err_file = self._staging / schema.ERROR_ARTIFACT
+                err_file.write_text(details or error)
+                self._artifacts.append((err_file, None, None))
         deadline = time.monotonic() + finish_wait_s
         while not self.flush(force=True) and time.monotonic() < deadline:
             time.sleep(min(self._backoff, max(0.0, deadline - time.monotonic())))
