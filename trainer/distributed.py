@@ -133,6 +133,9 @@ def _worker(rank: int, size: int, port: int, backend: str, fn: Callable[..., Any
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
         fn(*args)
+        # Every rank leaves together: a gloo group torn down while a peer still sends (rank 0 writing
+        # its last checkpoint) can abort the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
