@@ -127,6 +127,18 @@ def test_ddim_skip_eta_skips_past_edges() -> None:
     assert calls == pytest.approx(want)  # τ' = s_j − η·(s_j − s_{j−1}) (docs/algorithms.md §4.4)
 
 
+def test_ddim_skip_eta1_ends_at_the_x0_of_the_jump_to_zero() -> None:
+    """η = 1 (the config's default) jumps from each edge to the one below the next; the jump that lands on 0
+    ends the sampler with that x̂_0 — before, the model was called at τ = 0 and every image was NaN."""
+    model = tiny_model()
+    times = time_list(4, SAMP, PRE)
+    f, calls = _recording(x0_fn(model))
+    x = sample_ddim_skip(f, _z(), times, 1.0, None)
+    edges = [*times[1:], 0.0]
+    assert calls == pytest.approx([times[0], *edges[1:-1]]) and min(calls) > 0
+    assert torch.isfinite(x).all()
+
+
 def test_ddim_skip_eta0_phased_model_is_edge_to_edge_consistency() -> None:
     """For a phased model, η = 0 applies f_θ (which lands on the lower edge) segment by segment."""
     edges = phase_edges(4, 0.002, 80.0, 7.0)

@@ -255,3 +255,39 @@ def test_eval_only_settings_are_declared_and_leave_training_alone(tmp_path):
     assert a["snapshots"].keys() == b["snapshots"].keys()
     snaps_a, snaps_b = a["snapshots"], b["snapshots"]
     assert all(torch.equal(snaps_a[f][k], snaps_b[f][k]) for f in snaps_a for k in snaps_a[f])
+
+
+def test_evaluated_variants_score_the_same_weights_with_the_same_noise(tmp_path):
+    """eval.variants: one training scores every variant at every evaluation point, and each variant's FIDs
+    equal — exactly — those of a training run with that variant's settings (the same weights, the same
+    sampler noise); the training itself is the same whatever the variants; a training setting is refused."""
+    from trainer.evaluate import split_variant_metric, variant_metric
+
+    variants = [{"sampler.eta": 0.0}, {"sampler.eta": 0.5, "guidance.strength": 1.5, "guidance.bad_fraction": 0.4}]
+    common = {"method": "sct", "iterations": 6, "sampler": {"steps": [1, 4], "edge_skip_mode": "ddim_skip"},
+              "pretrain": {"iterations": 0}, "guidance": {"snapshot_fractions": []}}
+
+    def cfg(name: str, **over):
+        c = tiny(tmp_path / name, **{**common, **over})
+        c.eval.every, c.eval.at_start, c.eval.online = 3, False, False
+        return c
+
+    shared = Collect()
+    res = train(cfg("shared", eval={**TINY["eval"], "variants": variants}), shared)
+    for k, variant in enumerate(variants):
+        alone = Collect()
+        res_k = train(cfg(f"alone{k}", **{"sampler": {**common["sampler"], "eta": variant["sampler.eta"]},
+                                          "guidance": {"snapshot_fractions": [],
+                                                       "strength": variant.get("guidance.strength", 1.0),
+                                                       "bad_fraction": variant.get("guidance.bad_fraction", 0.5)}}),
+                      alone)
+        for key in ("fid_1step", "fid_4step", "guided"):
+            assert shared.series(variant_metric(k, key)) == alone.series(key), (k, key)
+        a = torch.load(res.checkpoint_dir / "state.pt", weights_only=True)
+        b = torch.load(res_k.checkpoint_dir / "state.pt", weights_only=True)
+        assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+    assert shared.series(variant_metric(1, "guided")) == [(3, 1.0), (6, 1.0)]  # the snapshot at 0.4 is kept
+    assert shared.series(variant_metric(0, "fid_4step")) != shared.series(variant_metric(1, "fid_4step"))
+    assert split_variant_metric("v12/fid_2step") == (12, "fid_2step") and split_variant_metric("fid_1step")[0] is None
+    with pytest.raises(ValueError, match="optim.lr is not an evaluation-only setting"):
+        cfg("bad", eval={**TINY["eval"], "variants": [{"optim.lr": 1e-3}]})

@@ -236,6 +236,20 @@ class EvalConfig(_Strict):
     inception_weights: Path | None = None  # required for cifar10 / imagenet64
     save_grid: bool = True
     at_start: bool = True  # also evaluate before the first tuning step (the curve's starting point)
+    # Evaluated variants: at every evaluation point, each dict of evaluation-only settings (dotted paths of
+    # EVAL_ONLY below, e.g. {"sampler.eta": 0.2}) is applied to this config and scored on the same weights
+    # with the same noise; metrics come back as `v<k>/<metric>` (trainer/evaluate.py). Empty: the config itself.
+    variants: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
+
+    @field_validator("variants")
+    @classmethod
+    def _eval_only_variants(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for variant in v:
+            for path in variant:
+                if not is_eval_only(path) or path == "eval.variants":
+                    raise ValueError(f"{path} is not an evaluation-only setting; a variant may set only "
+                                     f"{', '.join(p for p in EVAL_ONLY if p != 'eval.variants')}")
+        return v
 
 
 class TrainConfig(_Strict):
@@ -289,6 +303,12 @@ class TrainConfig(_Strict):
         return self.precond.sigma_min if self.method == "ict" else self.precond.sigma_min_shift
 
     @property
+    def snapshot_fractions_kept(self) -> list[float]:
+        """Where the EMA is snapshotted for guidance: `guidance.snapshot_at` and every variant's bad_fraction."""
+        wanted = {v["guidance.bad_fraction"] for v in self.eval.variants if "guidance.bad_fraction" in v}
+        return sorted({*self.guidance.snapshot_at, *map(float, wanted)})
+
+    @property
     def stage_iters(self) -> int:
         """Iterations per ECT stage: `schedule.double_every`, else iterations / 8 (docs/algorithms.md §3)."""
         return self.schedule.double_every or max(1, self.iterations // 8)
@@ -313,6 +333,7 @@ EVAL_ONLY = (
     "sampler.t_mid", "sampler.steps", "sampler.eta", "sampler.edge_skip_mode",
     "guidance.strength", "guidance.bad_fraction",
     "eval.fid_samples", "eval.batch_size", "eval.online", "eval.save_grid", "eval.inception_weights",
+    "eval.variants",
 )
 PLACEMENT = ("out_dir", "device", "compile", "data.on_device", "data.root", "log_every")
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, override
 from trainer.data import ImageDataset
 from trainer.distributed import World, gather_rows
 from trainer.precond import ConsistencyModel
@@ -88,42 +90,101 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
     return path
 
 
+VARIANT_PREFIX = "v"  # metric `v<k>/fid_1step`: variant k's (TrainConfig.eval.variants)
+
+
+def variant_metric(k: int, key: str) -> str:
+    """The name of variant k's metric `key`."""
+    return f"{VARIANT_PREFIX}{k}/{key}"
+
+
+def split_variant_metric(key: str) -> tuple[int | None, str]:
+    """(k, metric) of a variant's metric name; (None, key) for any other metric."""
+    head, sep, rest = key.partition("/")
+    if sep and head.startswith(VARIANT_PREFIX) and head[len(VARIANT_PREFIX):].isdigit():
+        return int(head[len(VARIANT_PREFIX):]), rest
+    return None, key
+
+
+def variant_configs(cfg: TrainConfig) -> list[TrainConfig]:
+    """The configs an evaluation scores: each of `eval.variants` applied to `cfg`, or `cfg` itself."""
+    if not cfg.eval.variants:
+        return [cfg]
+    return [override(cfg, {"eval.variants": [], **v}) for v in cfg.eval.variants]
+
+
+def guidance_for(cfg: TrainConfig, snapshots: Mapping[str, Mapping[str, torch.Tensor]], bad_model: ConsistencyModel,
+                 num_classes: int) -> Guidance | None:
+    """`cfg`'s guidance at this point (docs/algorithms.md §4.5): classic CFG, or auto guidance once the EMA
+    snapshot at `guidance.bad_fraction` exists (loaded into `bad_model`); None for w = 1 or no snapshot yet."""
+    g = cfg.guidance
+    if g.strength == 1.0:
+        return None
+    if g.mode == "classic":
+        return Guidance(g.strength, g.mode, None, num_classes)
+    snapshot = snapshots.get(f"{g.bad_fraction:g}")
+    if snapshot is None:
+        return None
+    bad_model.load_state_dict(snapshot)
+    return Guidance(g.strength, g.mode, bad_model, num_classes)
+
+
 class Evaluator:
-    """FID at each evaluation point for every configured sampler, EMA and (optionally) online weights."""
+    """FID at each evaluation point for every configured sampler, EMA and (optionally) online weights, of
+    the config or of each of its evaluated variants (same weights, same noise per seed: paired)."""
 
     def __init__(self, cfg: TrainConfig, data: ImageDataset, device: torch.device, world: World = World()):
+        self.cfg, self.data, self.device, self.world = cfg, data, device, world
+        self.variants = variant_configs(cfg)
+        self._fids: dict[tuple[str, int], Any] = {}  # FidEvaluator per (feature weights, batch size)
+
+    def _fid(self, cfg: TrainConfig, images: torch.Tensor) -> float:
+        """FID of this process's images; with several ranks, of every rank's images (features gathered)."""
         from trainer.metrics import FidEvaluator  # heavy import, only when evaluating
 
-        self.cfg, self.data, self.world = cfg, data, world
-        self.fid = FidEvaluator.from_config(cfg, device)
-
-    def _fid(self, images: torch.Tensor) -> float:
-        """FID of this process's images; with several ranks, of every rank's images (features gathered)."""
+        key = (str(cfg.eval.inception_weights), cfg.eval.batch_size)
+        if key not in self._fids:
+            self._fids[key] = FidEvaluator.from_config(cfg, self.device)
+        fid = self._fids[key]
         if self.world.size == 1:
-            return self.fid.score(images)
-        return self.fid.score_features(gather_rows(self.fid.features(images), self.world))
+            return fid.score(images)
+        return fid.score_features(gather_rows(fid.features(images), self.world))
 
-    def __call__(
-        self, ema: ConsistencyModel, online: ConsistencyModel, iteration: int, guide_with: ConsistencyModel | None,
-        out_dir: Path,
+    def score(
+        self, cfg: TrainConfig, ema: ConsistencyModel, online: ConsistencyModel, guidance: Guidance | None,
+        grid_dir: Path | None, iteration: int,
     ) -> tuple[dict[str, float], list[Path]]:
-        """Metrics `fid_{k}step` (EMA), `fid_{k}step_online`, and paths of the grids saved."""
-        cfg, metrics, grids = self.cfg, {}, []
-        g = cfg.guidance
-        guidance = None
-        if g.strength != 1.0 and (g.mode == "classic" or guide_with is not None):
-            guidance = Guidance(g.strength, g.mode, guide_with, self.data.num_classes)
-        metrics["guided"] = float(guidance is not None)
-        t0 = time.perf_counter()
+        """`fid_{k}step` (EMA, guided) and `fid_{k}step_online` of one config at `iteration`; grids saved
+        into `grid_dir`."""
+        metrics: dict[str, float] = {"guided": float(guidance is not None)}
+        grids = []
         models = [("", ema, guidance)] + ([("_online", online, None)] if cfg.eval.online else [])
         for suffix, model, guide in models:
             for steps in cfg.sampler.steps:
-                seed = cfg.seed * 1000 + steps  # same noise at every evaluation point
+                seed = cfg.seed * 1000 + steps  # same noise at every evaluation point, and for every variant
                 images = generate(model, cfg, self.data, cfg.eval.fid_samples, steps, seed=seed, guidance=guide,
                                   world=self.world)
-                metrics[f"fid_{steps}step{suffix}"] = self._fid(images)
-                if suffix == "" and cfg.eval.save_grid and self.world.is_main:
-                    grids.append(save_grid(images[:64], out_dir / "samples" / f"grid_{steps}step_it{iteration}.png"))
+                metrics[f"fid_{steps}step{suffix}"] = self._fid(cfg, images)
+                if suffix == "" and grid_dir is not None and cfg.eval.save_grid and self.world.is_main:
+                    grids.append(save_grid(images[:64], grid_dir / f"grid_{steps}step_it{iteration}.png"))
+        return metrics, grids
+
+    def __call__(
+        self, ema: ConsistencyModel, online: ConsistencyModel, iteration: int,
+        snapshots: Mapping[str, Mapping[str, torch.Tensor]], bad_model: ConsistencyModel, out_dir: Path,
+    ) -> tuple[dict[str, float], list[Path]]:
+        """Metrics `fid_{k}step` (EMA), `fid_{k}step_online`, `guided` (each as `v<j>/...` for variant j),
+        `eval_s`, and the paths of the grids saved (`samples/`, a variant's in `samples/v<j>/`)."""
+        metrics: dict[str, float] = {}
+        grids: list[Path] = []
+        t0 = time.perf_counter()
+        for j, cfg in enumerate(self.variants):
+            guidance = guidance_for(cfg, snapshots, bad_model, self.data.num_classes)
+            several = bool(self.cfg.eval.variants)
+            grid_dir = out_dir / "samples" / (f"{VARIANT_PREFIX}{j}" if several else "")
+            m, g = self.score(cfg, ema, online, guidance, grid_dir, iteration)
+            metrics.update({variant_metric(j, k) if several else k: v for k, v in m.items()})
+            grids += g
         metrics["eval_s"] = time.perf_counter() - t0
         log.info("eval it %d: %s", iteration, {k: round(v, 3) for k, v in metrics.items()})
         return metrics, grids

@@ -114,6 +114,8 @@ def sample_ddim_skip(
             return x0
         s_next = edges[j + 1]
         tau_new = s - eta * (s - s_next)
+        if tau_new <= 0.0:  # η = 1 on the last segment jumps to 0: x̂_0 is the sample (f at τ = 0 is undefined)
+            return x0
         x = x0 + tau_new * (x - x0) / tau
         tau = tau_new
     return x

@@ -176,6 +176,7 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     last_ckpt: Path | None = None
+    snap_at: dict[int, str] = field(default_factory=dict)  # iteration -> guidance snapshot key (`0.5`)
 
 
 def _check_ref_batch(cfg: TrainConfig, data: ImageDataset) -> None:
@@ -225,7 +226,8 @@ def _start(cfg: TrainConfig, reporter: Reporter | None, resume_from: Path | None
         reporter = SilentReporter()
     return Run(cfg=cfg, device=device, data=data, out_dir=out_dir, reporter=reporter or JsonlReporter(out_dir),
                state=state, n_params=count_parameters(model.net), replay=replays_dropout(device, cfg.compile),
-               bad_model=bad_model, world=world)
+               bad_model=bad_model, world=world,
+               snap_at={round(f * cfg.iterations): f"{f:g}" for f in cfg.snapshot_fractions_kept})
 
 
 def save_state(run: Run, done: int) -> Path:
@@ -256,13 +258,9 @@ def evaluate(run: Run, done: int) -> None:
     from trainer.evaluate import Evaluator
 
     run.evaluator = run.evaluator or Evaluator(run.cfg, run.data, run.device, run.world)
-    state, guide = run.state, None
-    bad_key = f"{run.cfg.guidance.bad_fraction:g}"
-    if bad_key in state.snapshots:
-        run.bad_model.load_state_dict(state.snapshots[bad_key])
-        guide = run.bad_model
+    state = run.state
     t0 = time.perf_counter()
-    fid, grids = run.evaluator(state.ema.model, state.model, done, guide, run.out_dir)
+    fid, grids = run.evaluator(state.ema.model, state.model, done, state.snapshots, run.bad_model, run.out_dir)
     state.cost["eval_s"] += time.perf_counter() - t0
     run.last_ckpt = save_state(run, done)
     run.metrics = {"iteration": done, "images_seen": done * run.cfg.optim.batch_size, **state.cost, **fid}
@@ -302,9 +300,8 @@ def _step(run: Run, stats: LossStats, it: int) -> None:
     state.ema.update(state.model, it)
     state.iteration = it + 1
     state.cost["flops"] += state.flops_per_step
-    snap_at = {round(f * cfg.iterations): f"{f:g}" for f in cfg.guidance.snapshot_at}
-    if state.iteration in snap_at:  # EMA snapshots for SCT's guidance (docs/algorithms.md §4.5)
-        state.snapshots[snap_at[state.iteration]] = {k: v.detach().clone()
+    if state.iteration in run.snap_at:  # EMA snapshots for SCT's guidance (docs/algorithms.md §4.5)
+        state.snapshots[run.snap_at[state.iteration]] = {k: v.detach().clone()
                                                      for k, v in state.ema.model.state_dict().items()}
 
 
