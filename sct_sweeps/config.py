@@ -21,7 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sct_sweeps.errors import SpecError
-from trainer.config import MAX_ITERATIONS, TrainConfig, format_validation_error, leaf_field, override
+from sct_sweeps.variants import training_axes
+from trainer.config import MAX_ITERATIONS, TrainConfig, format_validation_error, is_eval_only, leaf_field, override
 from trainer.errors import ConfigError, TrainerError
 from trainer.yaml_io import read_yaml
 
@@ -172,6 +173,9 @@ class SweepSpec(_Strict):
     artifact_root: Path | None = None  # local stores only; None = <project>/mlartifacts
     pretrain_cache: Path | None = None  # None = <project>/.cache/pretrain; shared storage on a cluster
     estimate: Estimate | None = None
+    # Grid axes on evaluation-only settings are evaluated on every training, not trained per value
+    # (sct_sweeps/variants.py); false trains each value separately.
+    share_training: bool = True
 
     @field_validator("name")
     @classmethod
@@ -189,7 +193,7 @@ class SweepSpec(_Strict):
     def _consistent(self) -> SweepSpec:
         if not self.search:
             raise ValueError("search: empty search space; add at least one axis (e.g. seed: {grid: [0, 1]})")
-        check_trial_count(self.algorithm, self.search, self.num_samples)
+        check_trial_count(self.algorithm, training_axes(self), self.num_samples)
         _check_workers(self)
         for path, axis in self.search.items():
             _check_axis(self, path, axis)
@@ -246,8 +250,9 @@ def _check_axis(spec: SweepSpec, path: str, axis: Axis) -> None:
     if why is not None:
         raise ValueError(f"{where}: {why}")
     if spec.algorithm == "optuna":
-        if axis.kind == "grid":
-            raise ValueError(f"{where}.grid: Optuna cannot search a grid; use choice (or algorithm: grid)")
+        if axis.kind == "grid" and not (spec.share_training and is_eval_only(path)):
+            raise ValueError(f"{where}.grid: Optuna cannot search a grid; use choice (or algorithm: grid); a grid "
+                             "is allowed on an evaluation-only setting (every trial evaluates it)")
         if axis.kind == "choice" and any(not isinstance(v, (str, int, float, bool)) for v in axis.choice):
             raise ValueError(f"{where}.choice: Optuna choices must be numbers, strings or booleans")
     if axis.kind in ("uniform", "loguniform") and path in ("iterations", "seed"):

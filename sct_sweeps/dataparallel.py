@@ -26,6 +26,7 @@ from sct_sweeps.pretrain import with_pretrain
 from sct_sweeps.trainable import (
     SweepContext,
     TuneReporter,
+    checkpoint_run_ids,
     finished_run,
     numeric_metrics,
     reaches_ray,
@@ -34,7 +35,7 @@ from sct_sweeps.trainable import (
     train_tracked,
     trainer_dir,
     trial_cfg,
-    trial_tracker,
+    trial_runs,
 )
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,8 @@ def train_worker(loop: dict[str, Any]) -> None:
     tracker, done = None, None
     if rank == 0:
         tags = {schema.NODE_ID: node_id, schema.WORLD_SIZE: str(size)}
-        tracker = trial_tracker(ctx, loop["config"], cfg, trial_id=trial_id, run_id=restore.meta.get("run_id"),
-                                tags=tags)  # fmt: skip
+        tracker = trial_runs(ctx, loop["config"], cfg, trial_id=trial_id, run_ids=checkpoint_run_ids(restore.meta),
+                             tags=tags)  # fmt: skip
         done = finished_run(tracker, cfg)
     nodes, finished = _gather(node_id, done is not None)
     where = {"node_id": nodes[0], "nodes": ",".join(nodes)}
@@ -163,7 +164,7 @@ def train_worker(loop: dict[str, Any]) -> None:
         return
     if tracker is not None:
         tags = {schema.NODE_ID: nodes[0], schema.NODES: ",".join(nodes), schema.WORLD_SIZE: str(size)}
-        reporter = TrainReporter(tracker, where)
+        reporter = TrainReporter(tracker, where, ctx.spec.metric, ctx.spec.mode)
         train_tracked(tracker, cfg, ctx=ctx, reporter=reporter, restore=restore, tags=tags, workdir=workdir)
     else:
         train(with_pretrain(cfg, Path(ctx.pretrain_cache)), reporter=WorkerReporter(), resume_from=restore.path)

@@ -35,6 +35,9 @@ NOT_RETRIED = "sct.not_retried"  # set on an attempt that ended at once because 
 ORPHANED = "sct.orphaned"  # why the run was deleted (its trial was lost with the driver)
 PATH_PREFIX = "sct.path."  # + dotted TrainConfig path: a filesystem setting (a tag, not a param: machine-specific)
 CHECKPOINT = "sct.checkpoint"  # the trial's final checkpoint directory (holds state.pt)
+TRAINING = "sct.training"  # the Ray trial that trained the weights; shared by the variants of one training
+VARIANT = "sct.variant"  # an evaluated variant's settings, `sampler.eta=0.2,...` (sct_sweeps/variants.py)
+EVALUATED_AFTER = "sct.evaluated_after"  # a variant added by `sct-sweep evaluate` (no training of its own)
 
 # -- tags of the experiment and the parent run ----------------------------------------------------
 NOTE = "mlflow.note.content"  # the description MLflow shows on an experiment's or a run's page

@@ -15,6 +15,7 @@ from typing import Any
 
 from sct_sweeps.config import SweepSpec, absolute_paths
 from sct_sweeps.pretrain import enumerate_configs
+from sct_sweeps.variants import training_axes, variant_grid, variants_per_training
 from trainer.config import TrainConfig, override
 
 # Short labels for readable run names: sct-w32-it400-s0-ref64.
@@ -56,7 +57,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     from ray import tune
 
     space: dict[str, Any] = {}
-    for path, axis in spec.search.items():
+    for path, axis in training_axes(spec).items():
         kind = axis.kind
         if kind == "grid":
             space[path] = tune.grid_search(largest_first(path, axis.grid))
@@ -77,8 +78,16 @@ def swept_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_config(spec: SweepSpec, flat_params: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig of one trial: the base with the trial's dotted-path values, paths absolute."""
-    return absolute_paths(override(spec.base, swept_values(spec, flat_params)))
+    """The TrainConfig of one trial: the base with the trial's dotted-path values and the variants it
+    evaluates (`eval.variants`, sct_sweeps/variants.py), paths absolute."""
+    variants = variant_grid(spec)
+    extra = {"eval.variants": variants} if variants else {}
+    return absolute_paths(override(spec.base, {**swept_values(spec, flat_params), **extra}))
+
+
+def variant_config(cfg: TrainConfig, variant: dict[str, Any]) -> TrainConfig:
+    """The config one variant of training `cfg` is evaluated with (as a trial of its own would be)."""
+    return override(cfg, {"eval.variants": [], **variant})
 
 
 def run_name(cfg: TrainConfig, swept: dict[str, Any]) -> str:
@@ -139,7 +148,7 @@ def _axis_mean(spec: SweepSpec, path: str, fn: Any, default: float) -> float:
 class Plan:
     """What a sweep will run, and an estimate of what it costs."""
 
-    trials: int
+    trials: int  # trainings: Ray trials
     pretrains: int
     pretrains_complete: bool  # False: a continuous axis on a pretraining field adds some in trials
     cpu: float  # per worker
@@ -152,6 +161,7 @@ class Plan:
     pretrained_from: str | None = None  # every trial starts from this given checkpoint (no phase one)
     workers: int = 1  # data-parallel processes per trial (Ray Train when > 1)
     placement: str = "pack"
+    variants: int = 1  # evaluated variants per training (evaluation-only grid axes)
 
     def lines(self) -> list[str]:
         """Human-readable plan, one fact a line."""
@@ -160,7 +170,7 @@ class Plan:
         if self.pretrained_from is not None:
             pretraining = f"pretraining: from {self.pretrained_from} (0 iterations, 0 h)"
         out = [
-            f"trials: {self.trials}",
+            f"trainings: {self.trials}, evaluated variants: {self.trials * self.variants}",
             pretraining,
             f"resources per trial: {self.resources_text()}; up to {self.concurrency} at a time",
             f"tuning iterations (expected total): {self.tuning_iterations:.0f}",
@@ -189,7 +199,7 @@ def trial_count(spec: SweepSpec) -> int:
     """Number of trials: grid points x num_samples for grid, num_samples for Optuna."""
     if spec.algorithm == "optuna":
         return spec.num_samples
-    grids = [len(a.grid) for a in spec.search.values() if a.kind == "grid"]
+    grids = [len(a.grid) for a in training_axes(spec).values() if a.kind == "grid"]
     return math.prod(grids) * spec.num_samples
 
 
@@ -228,6 +238,7 @@ def plan(spec: SweepSpec, total_cpus: float | None = None) -> Plan:
         pretrained_from=_given_checkpoint(spec),
         workers=spec.resources.workers,
         placement=spec.resources.placement,
+        variants=variants_per_training(spec),
     )
 
 
@@ -241,5 +252,5 @@ def _given_checkpoint(spec: SweepSpec) -> str | None:
 
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     """Every combination of the grid axes (the grid a grid sweep walks, once)."""
-    grids = {p: a.grid for p, a in spec.search.items() if a.kind == "grid"}
+    grids = {p: a.grid for p, a in training_axes(spec).items() if a.kind == "grid"}
     return [dict(zip(grids, combo, strict=True)) for combo in itertools.product(*grids.values())]

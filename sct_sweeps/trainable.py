@@ -12,7 +12,7 @@ import logging
 import math
 import shutil
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,14 @@ from sct_sweeps import schema, tracking
 from sct_sweeps.config import SweepSpec
 from sct_sweeps.errors import RecurringTrialError
 from sct_sweeps.pretrain import cache_path, with_pretrain
-from sct_sweeps.space import run_name, swept_values, trial_config
+from sct_sweeps.run_group import RunGroup
+from sct_sweeps.space import run_name, swept_values, trial_config, variant_config
 from sct_sweeps.stores import is_local
 from sct_sweeps.trial_tracker import TrialTracker
+from sct_sweeps.variants import best_of, variant_key
 from trainer.config import TrainConfig, override
 from trainer.errors import ConfigError, DataError, DivergenceError
+from trainer.evaluate import split_variant_metric
 from trainer.fingerprint import needs_pretrain
 
 log = logging.getLogger(__name__)
@@ -58,16 +61,18 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def reaches_ray(metrics: Mapping[str, float], checkpoint_dir: Path | None) -> bool:
     """Whether a report goes to Ray too: evaluations (FID) and checkpoints; losses go to MLflow only."""
-    return checkpoint_dir is not None or any(k.startswith("fid_") for k in metrics)
+    return checkpoint_dir is not None or any(split_variant_metric(k)[1].startswith("fid_") for k in metrics)
 
 
 class TuneReporter:
     """The trainer's Reporter: every report goes to MLflow (sent in batches); evaluations (with
-    checkpoints) go to Ray too, after the batch is sent. `where` ({node_id, ...}) rides along in Ray's results."""
+    checkpoints) go to Ray too, after the batch is sent. `where` ({node_id, ...}) rides along in Ray's results.
+    With evaluated variants, Ray's value of the sweep's `metric` is the best variant's (`mode`)."""
 
-    def __init__(self, tracker: TrialTracker, where: Mapping[str, str]) -> None:
+    def __init__(self, tracker: RunGroup, where: Mapping[str, str], metric: str = "", mode: str = "min") -> None:
         self.tracker = tracker
         self.where = dict(where)
+        self.metric, self.mode = metric, mode
         self.latest: dict[str, float] = {}  # last value of every metric: Ray results carry them all
 
     def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None:
@@ -77,12 +82,16 @@ class TuneReporter:
         self.tracker.log_metrics(values, step)
         if not reaches_ray(values, checkpoint_dir):
             return
+        per_variant = [v for k, v in self.latest.items() if k.endswith(f"/{self.metric}")] if self.metric else []
+        if per_variant:
+            self.latest[self.metric] = best_of(per_variant, self.mode)
         self.tracker.flush()  # everything up to a checkpoint is in MLflow before Ray has the checkpoint
         result: dict[str, Any] = {**self.latest, "iteration": step, **self.where}
         if any(not math.isfinite(v) for v in values.values()):
             log.warning("non-finite metric at step %d: %s", step, values)
         if checkpoint_dir is not None:
-            meta = {"run_id": self.tracker.run_id, "trial_id": self.tracker.trial_id, "step": step}
+            meta = {"run_id": self.tracker.run_id, "run_ids": self.tracker.run_ids, "trial_id": self.tracker.trial_id,
+                    "step": step}
             (Path(checkpoint_dir) / RUN_FILE).write_text(json.dumps(meta))
         self.send(result, checkpoint_dir)
 
@@ -176,7 +185,7 @@ def trainer_dir(ctx: SweepContext, trial_id: str) -> Path:
     return Path(ctx.results_dir) / TRAINER_DIR / trial_id
 
 
-def _record_checkpoint(tracker: TrialTracker, ckpt: Path | None) -> None:
+def _record_checkpoint(tracker: RunGroup, ckpt: Path | None) -> None:
     """Tag the run with its final checkpoint directory; upload `state.pt` too when the store is a server
     (its artifacts are then reachable from any machine)."""
     if ckpt is None:
@@ -208,41 +217,56 @@ def planned_config(ctx: SweepContext, cfg: TrainConfig) -> TrainConfig:
     return pretrained_config(planned)
 
 
-def trial_tracker(
+def trial_runs(
     ctx: SweepContext,
     config: dict[str, Any],
     cfg: TrainConfig,
     *,
     trial_id: str,
-    run_id: str | None,
+    run_ids: Sequence[str | None],
     tags: Mapping[str, str],
-) -> TrialTracker:
-    """The tracker of the trial's one MLflow run (not opened yet): `run_id` from a checkpoint reattaches
-    to it, else the run is found by trial id or created."""
+) -> RunGroup:
+    """The trackers of the trial's MLflow runs, one per evaluated variant (not opened yet): the run ids a
+    checkpoint names reattach to them, else each run is found by trial id (and variant) or created."""
     spec = ctx.spec
     swept = swept_values(spec, config)
-    params, path_tags = tracking.flatten(planned_config(ctx, cfg))  # as trained: with the shared phase one
-    return TrialTracker(
-        uri=ctx.tracking_uri,
-        experiment_id=ctx.experiment_id,
-        parent_run_id=ctx.parent_run_id,
-        sweep=spec.name,
-        trial_id=trial_id,
-        run_name=run_name(cfg, swept),
-        tags={**{schema.axis_tag(p): str(v) for p, v in swept.items()}, **path_tags, **tags},
-        params=params,
-        lost_dir=Path(ctx.results_dir) / "mlflow_lost",
-        run_id=run_id,
-        flush_every_s=spec.mlflow_flush_s,
-    )
+    planned = planned_config(ctx, cfg)  # as trained: with the shared phase one
+    variants = cfg.eval.variants or [{}]
+    trackers = []
+    for k, variant in enumerate(variants):
+        as_evaluated = variant_config(planned, variant) if variant else planned
+        params, path_tags = tracking.flatten(as_evaluated)
+        axes = {**swept, **variant}
+        trackers.append(TrialTracker(
+            uri=ctx.tracking_uri,
+            experiment_id=ctx.experiment_id,
+            parent_run_id=ctx.parent_run_id,
+            sweep=spec.name,
+            trial_id=trial_id,
+            run_name=run_name(as_evaluated, axes),
+            tags={**{schema.axis_tag(p): str(v) for p, v in axes.items()}, **path_tags, **tags},
+            params=params,
+            lost_dir=Path(ctx.results_dir) / "mlflow_lost",
+            run_id=run_ids[k] if k < len(run_ids) else None,
+            flush_every_s=spec.mlflow_flush_s,
+            variant=variant_key(variant) if variant else None,
+        ))
+    return RunGroup(trackers)
 
 
-def finished_run(tracker: TrialTracker, cfg: TrainConfig) -> Any | None:
-    """The trial's MLflow run if it already finished its whole budget (the driver died before Ray knew)."""
-    done = tracker.peek()
-    if done is not None and done.info.status == "FINISHED" and done.data.metrics.get("iteration") == cfg.iterations:
-        log.info("trial %s already finished in MLflow run %s", tracker.trial_id, done.info.run_id)
-        return done
+def checkpoint_run_ids(meta: Mapping[str, Any]) -> list[str | None]:
+    """The run ids a trial checkpoint's RUN_FILE names, one per variant (older files name one run)."""
+    return list(meta.get("run_ids") or [meta.get("run_id")])
+
+
+def finished_run(runs: RunGroup, cfg: TrainConfig) -> Any | None:
+    """The trial's (lead) MLflow run if every variant's run already finished the whole budget (the driver
+    died before Ray knew)."""
+    found = runs.peek_all()
+    if all(r is not None and r.info.status == "FINISHED" and r.data.metrics.get("iteration") == cfg.iterations
+           for r in found):
+        log.info("trial %s already finished in MLflow runs %s", runs.trial_id, [r.info.run_id for r in found])
+        return found[0]
     return None
 
 
@@ -251,7 +275,7 @@ def finished_run(tracker: TrialTracker, cfg: TrainConfig) -> Any | None:
 RECURRING_ERRORS = (DivergenceError, ConfigError, DataError)
 
 
-def _refuse_a_recurring_error(tracker: TrialTracker) -> None:
+def _refuse_a_recurring_error(tracker: RunGroup) -> None:
     """End this attempt at once, FAILED with the same error, if an earlier one ended in a recurring error."""
     run = tracker.peek()
     recurring = run.data.tags.get(schema.RECURRING) if run is not None else None
@@ -261,8 +285,19 @@ def _refuse_a_recurring_error(tracker: TrialTracker) -> None:
         raise RecurringTrialError(recurring)
 
 
+def _log_configs(runs: RunGroup, planned: TrainConfig, workdir: Path) -> None:
+    """Artifact `config.yaml` of each run: the resolved TrainConfig as trained and evaluated (its variant's)."""
+    variants = planned.eval.variants or [{}]
+    for k, (tracker, variant) in enumerate(zip(runs.trackers, variants, strict=True)):
+        as_evaluated = variant_config(planned, variant) if variant else planned
+        config_file = workdir / "configs" / f"v{k}" / schema.CONFIG_ARTIFACT
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(yaml.safe_dump(as_evaluated.model_dump(mode="json"), sort_keys=False))
+        tracker.log_artifact(config_file)
+
+
 def train_tracked(
-    tracker: TrialTracker,
+    tracker: RunGroup,
     cfg: TrainConfig,
     *,
     ctx: SweepContext,
@@ -289,9 +324,7 @@ def train_tracked(
             tracker.set_tag(schema.RESUMED_FROM, str(restore.meta.get("step", "?")))
             if restore.skipped:
                 tracker.set_tag(schema.SKIPPED_CHECKPOINTS, restore.skipped)
-        config_file = workdir / schema.CONFIG_ARTIFACT
-        config_file.write_text(yaml.safe_dump(planned.model_dump(mode="json"), sort_keys=False))
-        tracker.log_artifact(config_file)  # the resolved TrainConfig, as trained
+        _log_configs(tracker, planned, workdir)
         result = train(cfg, reporter=reporter, resume_from=restore.path)
         final = _final_checkpoint(Path(ctx.results_dir) / tracker.trial_id, cfg.iterations)
         _record_checkpoint(tracker, final or result.checkpoint_dir)
@@ -333,12 +366,12 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     restore = restore_dir(tune.get_checkpoint(), workdir)
     tags = {schema.NODE_ID: node_id}
     cfg = trial_cfg(ctx, config, workdir / "out")
-    tracker = trial_tracker(ctx, config, cfg, trial_id=trial_id, run_id=restore.meta.get("run_id"), tags=tags)
+    tracker = trial_runs(ctx, config, cfg, trial_id=trial_id, run_ids=checkpoint_run_ids(restore.meta), tags=tags)
     done = finished_run(tracker, cfg)
     if done is not None:  # hand Ray the result, train nothing
         final = _final_checkpoint(Path(ctx.results_dir) / trial_id, cfg.iterations)
         result = {**done.data.metrics, "iteration": cfg.iterations, "node_id": node_id}
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(final)) if final else None)
         return
-    reporter = TuneReporter(tracker, {"node_id": node_id})
+    reporter = TuneReporter(tracker, {"node_id": node_id}, ctx.spec.metric, ctx.spec.mode)
     train_tracked(tracker, cfg, ctx=ctx, reporter=reporter, restore=restore, tags=tags, workdir=workdir)

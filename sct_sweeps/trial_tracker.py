@@ -51,6 +51,7 @@ class TrialTracker:
         lost_dir: Path | None = None,
         run_id: str | None = None,
         flush_every_s: float = 0.0,
+        variant: str | None = None,
     ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.sweep, self.trial_id, self.run_name = sweep, trial_id, run_name
@@ -59,8 +60,11 @@ class TrialTracker:
             schema.ROLE: schema.ROLE_TRIAL,
             schema.SWEEP: sweep,
             schema.TRIAL_ID: trial_id,
+            schema.TRAINING: trial_id,
             schema.PARENT: parent_run_id,
+            **({schema.VARIANT: variant} if variant is not None else {}),
         }
+        self.variant = variant
         self.params = dict(params)
         self.lost_dir = lost_dir
         self.run_id = run_id
@@ -83,6 +87,8 @@ class TrialTracker:
 
     def _find_run(self) -> str | None:
         filt = f"tags.`{schema.TRIAL_ID}` = '{self.trial_id}' and tags.`{schema.PARENT}` = '{self.parent_run_id}'"
+        if self.variant is not None:
+            filt += f" and tags.`{schema.VARIANT}` = '{self.variant}'"
         runs = self._client.search_runs([self.experiment_id], filter_string=filt, max_results=5)
         return runs[0].info.run_id if runs else None
 

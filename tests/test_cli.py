@@ -46,7 +46,7 @@ def test_validate_default_sweep_prints_plan(project: Path) -> None:
     result = invoke("validate", str(REPO / "experiments" / "scaling.yaml"), "--num-cpus", "2")
     assert result.exit_code == 0, result.output
     assert "valid sweep scaling" in result.output
-    assert "trials: " in result.output and "estimate" in result.output
+    assert "trainings: " in result.output and "evaluated variants: " in result.output and "estimate" in result.output
     assert not (project / "ray_results").exists() and not (project / "mlruns.db").exists()
 
 
