@@ -259,6 +259,30 @@ def sample(
     out.print(f"wrote {path}")
 
 
+@app.command()
+@user_errors
+def evaluate(
+    name: str = typer.Argument(..., help="A finished sweep's name."),
+    sets: list[str] | None = typer.Option(None, "--set", metavar="SETTING=VALUES",
+                                          help="Evaluation setting and values: sampler.eta=0,0.2,0.5 (repeatable)."),
+    file: Path | None = typer.Option(None, "--file", help="YAML mapping of settings to values (as --set)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    storage: Path | None = STORAGE,
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Score a finished sweep's checkpoints under new sampling settings (no training); resumable."""
+    from sct_sweeps.evaluate_sweep import evaluate_sweep, parse_sets
+    from sct_sweeps.record import load_record
+
+    grid = parse_sets(sets or (), file)  # a training setting is refused before anything is read
+    stores = _stores_of(name, storage, tracking_uri)
+    record = dataclasses.replace(load_record(name, stores.results), tracking_uri=stores.tracking_uri)
+    with working(f"evaluating {name}"):
+        lines = evaluate_sweep(record, grid, device)
+    for line in lines:
+        out.print(line)
+
+
 @app.command("import-edm")
 @user_errors
 def import_edm(
