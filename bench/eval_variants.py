@@ -56,7 +56,8 @@ def histories(uri: str, name: str, metric: str) -> dict[str, list[tuple[int, flo
     runs = client.search_runs([exp.experiment_id], f"tags.`{schema.ROLE}` = '{schema.ROLE_TRIAL}'", max_results=1000)
     out = {}
     for r in runs:
-        axes = {k.removeprefix(schema.AXIS_PREFIX): v for k, v in r.data.tags.items() if k.startswith(schema.AXIS_PREFIX)}
+        tags = r.data.tags
+        axes = {k.removeprefix(schema.AXIS_PREFIX): v for k, v in tags.items() if k.startswith(schema.AXIS_PREFIX)}
         key = ",".join(f"{k}={axes[k]}" for k in sorted(axes))
         out[key] = [(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, metric),
                                                       key=lambda m: m.step)]

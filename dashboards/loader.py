@@ -198,6 +198,8 @@ def load_sweep(tracking_uri: str, sweep: str) -> SweepResults:
     for r in sorted(runs, key=lambda r: (r.data.tags.get(schema.TRIAL_ID, ""), r.info.start_time or 0)):
         tags = r.data.tags
         tid = tags.get(schema.TRIAL_ID) or r.info.run_name or r.info.run_id
+        if schema.VARIANT in tags:  # one of a training's evaluated variants: a trial of its own here
+            tid = f"{tid}:{tags[schema.VARIANT]}"
         axes = {k.removeprefix(schema.AXIS_PREFIX): parse_value(v) for k, v in sorted(tags.items())
                 if k.startswith(schema.AXIS_PREFIX)}
         trials.append(Trial(trial_id=tid, run_id=r.info.run_id, status=r.info.status, params=dict(r.data.params),

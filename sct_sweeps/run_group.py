@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sct_sweeps.trial_tracker import TrialTracker
-from trainer.evaluate import VARIANT_PREFIX, split_variant_metric
+from trainer.config import VARIANT_PREFIX, split_variant_metric
 
 
 class RunGroup:

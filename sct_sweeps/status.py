@@ -15,8 +15,10 @@ from typing import Any
 from sct_sweeps.config import SweepSpec
 from sct_sweeps.errors import SweepNotFoundError
 from sct_sweeps.record import SweepRecord, list_sweeps, load_record
-from sct_sweeps.space import run_name, swept_values, trial_config
+from sct_sweeps.space import run_name, swept_values, trial_config, variant_config
 from sct_sweeps.stores import resolve_stores
+from sct_sweeps.variants import variant_grid
+from trainer.config import variant_metric
 
 
 def stored_analysis(results_dir: str) -> Any:
@@ -85,16 +87,18 @@ def _nodes(last: dict) -> str:
     return ",".join(short) or str(last.get("node_ip", "") or "-")
 
 
-def trial_identity(spec: SweepSpec, config: dict[str, Any]) -> tuple[str, str]:
-    """A trial's MLflow run name and its swept values (`seed=0, sct.ref_batch=all`) from its Ray config."""
-    swept = swept_values(spec, config)
+def trial_identity(spec: SweepSpec, config: dict[str, Any], variant: dict[str, Any] | None = None) -> tuple[str, str]:
+    """A trial's (or one evaluated variant's) MLflow run name and its swept values (`seed=0, sct.ref_batch=all`)
+    from its Ray config."""
+    swept = {**swept_values(spec, config), **(variant or {})}
     text = ", ".join(f"{p}={v:.3g}" if isinstance(v, float) else f"{p}={v}" for p, v in swept.items())
-    return run_name(trial_config(spec, config), swept), text
+    cfg = trial_config(spec, config)
+    return run_name(variant_config(cfg, variant) if variant else cfg, swept), text
 
 
 def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[str, ...]]]:
     """(metric, rows of trial id, run name, swept values, state, node, iteration, best metric so far,
-    last error line)."""
+    last error line): a row per trial, or per evaluated variant of each trial (sct_sweeps/variants.py)."""
     record = _record(name, storage)
     spec = record.spec
     analysis = stored_analysis(record.results_dir)
@@ -102,24 +106,16 @@ def trial_rows(name: str, storage: Path | None = None) -> tuple[str, list[tuple[
         raise SweepNotFoundError(f"{name}: no Ray experiment state in {record.results_dir} yet")
     states = trial_states(record.results_dir)
     rows = []
+    variants: list[dict[str, Any] | None] = [*variant_grid(spec)] or [None]
     for t in sorted(analysis.trials, key=lambda t: t.trial_id):
         last = t.last_result or {}
-        node = _nodes(last)
-        best = _best(t, spec.metric, spec.mode)
         it = last.get("iteration")
         state = states.get(t.trial_id, t.status)
         error = _last_error(t) if state == "ERROR" else ""
-        rows.append(
-            (
-                t.trial_id,
-                *trial_identity(spec, t.config or {}),
-                state,
-                node,
-                "-" if it is None else str(int(it)),
-                "-" if best is None else f"{best:.4g}",
-                error,
-            )
-        )
+        for k, variant in enumerate(variants):
+            best = _best(t, spec.metric if variant is None else variant_metric(k, spec.metric), spec.mode)
+            rows.append((t.trial_id, *trial_identity(spec, t.config or {}, variant), state, _nodes(last),
+                         "-" if it is None else str(int(it)), "-" if best is None else f"{best:.4g}", error))
     return spec.metric, rows
 
 

@@ -27,9 +27,8 @@ from sct_sweeps.space import run_name, swept_values, trial_config, variant_confi
 from sct_sweeps.stores import is_local
 from sct_sweeps.trial_tracker import TrialTracker
 from sct_sweeps.variants import best_of, variant_key
-from trainer.config import TrainConfig, override
+from trainer.config import TrainConfig, override, split_variant_metric
 from trainer.errors import ConfigError, DataError, DivergenceError
-from trainer.evaluate import split_variant_metric
 from trainer.fingerprint import needs_pretrain
 
 log = logging.getLogger(__name__)

@@ -47,10 +47,10 @@ def test_grid_sweep_runs_its_longest_trials_first() -> None:
         "seed": {"grid": [0, 1]},
         "network.model_channels": {"grid": [16, 8, 32]},
         "iterations": {"grid": [100, 400, 200]},
-        "sampler.eta": {"grid": [0.0, 0.5]},  # not a cost: the spec's order stays
+        "sct.ref_batch": {"grid": [64, 32]},  # not a cost: the spec's order stays
     }}  # fmt: skip
     space = param_space(parse_spec(raw))
-    assert space["sampler.eta"] == tune.grid_search([0.0, 0.5]) and space["seed"] == tune.grid_search([0, 1])
+    assert space["sct.ref_batch"] == tune.grid_search([64, 32]) and space["seed"] == tune.grid_search([0, 1])
     order = [cfg for _, cfg in generate_variants(space)]  # the order Ray Tune's grid walks
     assert len(order) == 36
 
@@ -138,3 +138,21 @@ def test_enumerate_configs() -> None:
     cont = parse_spec({**SPEC, "search": {"pretrain.lr": {"loguniform": [1e-4, 1e-3]}}})
     configs, complete = enumerate_configs(cont)
     assert not complete
+
+
+def test_evaluation_only_grid_axes_are_variants_not_trials() -> None:
+    """A grid on an evaluation-only setting leaves Ray's space and becomes every trial's eval.variants;
+    as a distribution, or with share_training false, it stays a trial axis."""
+    raw = {"name": "ev", "search": {"seed": {"grid": [0, 1]}, "sampler.eta": {"grid": [0.0, 0.5]},
+                                    "guidance.strength": {"grid": [1.0, 2.0]}}}
+    spec = parse_spec(raw)
+    assert set(param_space(spec)) == {"seed"}
+    cfg = trial_config(spec, {"seed": 1})
+    assert cfg.seed == 1 and cfg.eval.variants == [
+        {"sampler.eta": 0.0, "guidance.strength": 1.0}, {"sampler.eta": 0.0, "guidance.strength": 2.0},
+        {"sampler.eta": 0.5, "guidance.strength": 1.0}, {"sampler.eta": 0.5, "guidance.strength": 2.0}]
+    alone = parse_spec({**raw, "share_training": False})
+    assert set(param_space(alone)) == {"seed", "sampler.eta", "guidance.strength"}
+    sampled = parse_spec({**raw, "search": {"seed": {"grid": [0]}, "sampler.eta": {"uniform": [0.0, 0.5]}}})
+    assert set(param_space(sampled)) == {"seed", "sampler.eta"}
+    assert trial_config(sampled, {"seed": 0}).eval.variants == []

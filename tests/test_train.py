@@ -261,7 +261,7 @@ def test_evaluated_variants_score_the_same_weights_with_the_same_noise(tmp_path)
     """eval.variants: one training scores every variant at every evaluation point, and each variant's FIDs
     equal — exactly — those of a training run with that variant's settings (the same weights, the same
     sampler noise); the training itself is the same whatever the variants; a training setting is refused."""
-    from trainer.evaluate import split_variant_metric, variant_metric
+    from trainer.config import split_variant_metric, variant_metric
 
     variants = [{"sampler.eta": 0.0}, {"sampler.eta": 0.5, "guidance.strength": 1.5, "guidance.bad_fraction": 0.4}]
     common = {"method": "sct", "iterations": 6, "sampler": {"steps": [1, 4], "edge_skip_mode": "ddim_skip"},

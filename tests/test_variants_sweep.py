@@ -4,6 +4,7 @@ adding variants to the finished sweep without training."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 from conftest import assert_no_duplicate_steps, child_runs, driver_process, processes_under, sct_sweep, tiny_spec
 from typer.testing import CliRunner
 
+from dashboards.loader import load_sweep
 from sct_sweeps import schema, tracking
 from sct_sweeps.cli import app
 from sct_sweeps.config import parse_spec
@@ -60,7 +62,8 @@ def _kill_mid_second_training(cmd: list[str], env: dict[str, str], log: Path, ur
             if record.exists():
                 runs = child_runs(uri, "evsweep")
                 finished = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
-                midway = [r for r in runs if r.info.status == "RUNNING" and 25 <= r.data.metrics.get("iteration", 0) <= 40]
+                midway = [r for r in runs
+                          if r.info.status == "RUNNING" and 25 <= r.data.metrics.get("iteration", 0) <= 40]
                 if len(finished) == 4 and midway:
                     break
             time.sleep(1)
@@ -106,6 +109,13 @@ def test_variant_sweep_resumed_after_a_kill_then_evaluated(
     for (training, key), m in by.items():
         twin = key.replace("sampler.eta=0.0", "sampler.eta=0.5")
         assert m["fid_1step"] == by[(training, twin)]["fid_1step"]
+
+    # `status` and the dashboards: a variant is a trial of its own there.
+    st = subprocess.run([sct_sweep(), "status", "evsweep", "--json"], env=cli_env, capture_output=True, text=True,
+                        timeout=120)  # fmt: skip
+    rows = json.loads(st.stdout)["trials"]
+    assert len(rows) == 8 and len({r["run_name"] for r in rows}) == 8 and all(r["best_fid_4step"] != "-" for r in rows)
+    assert len(load_sweep(uri, "evsweep").trials) == 8
 
     # `evaluate`: a new η on both trainings, at every checkpoint their trials kept; no training.
     env = {**cli_env, "MLFLOW_TRACKING_URI": uri}

@@ -338,6 +338,22 @@ EVAL_ONLY = (
 PLACEMENT = ("out_dir", "device", "compile", "data.on_device", "data.root", "log_every")
 
 
+VARIANT_PREFIX = "v"  # metric `v<k>/fid_1step`: variant k's (TrainConfig.eval.variants)
+
+
+def variant_metric(k: int, key: str) -> str:
+    """The name of variant k's metric `key`."""
+    return f"{VARIANT_PREFIX}{k}/{key}"
+
+
+def split_variant_metric(key: str) -> tuple[int | None, str]:
+    """(k, metric) of a variant's metric name; (None, key) for any other metric."""
+    head, sep, rest = key.partition("/")
+    if sep and head.startswith(VARIANT_PREFIX) and head[len(VARIANT_PREFIX):].isdigit():
+        return int(head[len(VARIANT_PREFIX):]), rest
+    return None, key
+
+
 def is_eval_only(path: str) -> bool:
     """Whether the dotted TrainConfig path only changes evaluation (see EVAL_ONLY)."""
     return path in EVAL_ONLY

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import TrainConfig, override
+from trainer.config import VARIANT_PREFIX, TrainConfig, override, variant_metric
 from trainer.data import ImageDataset
 from trainer.distributed import World, gather_rows
 from trainer.precond import ConsistencyModel
@@ -88,22 +88,6 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     plt.imsave(path, img[..., 0] if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
     return path
-
-
-VARIANT_PREFIX = "v"  # metric `v<k>/fid_1step`: variant k's (TrainConfig.eval.variants)
-
-
-def variant_metric(k: int, key: str) -> str:
-    """The name of variant k's metric `key`."""
-    return f"{VARIANT_PREFIX}{k}/{key}"
-
-
-def split_variant_metric(key: str) -> tuple[int | None, str]:
-    """(k, metric) of a variant's metric name; (None, key) for any other metric."""
-    head, sep, rest = key.partition("/")
-    if sep and head.startswith(VARIANT_PREFIX) and head[len(VARIANT_PREFIX):].isdigit():
-        return int(head[len(VARIANT_PREFIX):]), rest
-    return None, key
 
 
 def variant_configs(cfg: TrainConfig) -> list[TrainConfig]:
