@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -355,7 +356,10 @@ def ui(
            str(art), "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
     out.print(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C to stop")
     sys.stdout.flush()
-    os.execv(sys.executable, cmd)  # become the server: its PID is ours, signals reach it directly
+    from sct_sweeps.foreground import serve
+
+    code = serve(cmd)  # Ctrl-C, SIGTERM or SIGHUP stop the server and all its workers
+    raise typer.Exit(0 if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else code)
 
 
 @app.command()

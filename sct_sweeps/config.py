@@ -246,7 +246,8 @@ def _first_error(err: ValidationError, path: str) -> str:
 
 def _check_axis(spec: SweepSpec, path: str, axis: Axis) -> None:
     where = f"search.{path}"
-    why = leaf_field(path)
+    why = leaf_field(path) or ("the sweep sets it from the evaluation-only axes; sweep those instead"
+                               if path == "eval.variants" else None)
     if why is not None:
         raise ValueError(f"{where}: {why}")
     if spec.algorithm == "optuna":

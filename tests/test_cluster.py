@@ -58,10 +58,10 @@ def _group(pgid: int) -> list[int]:
 class RayNode:
     """One `ray start --block` node in its own session: its PID is the process group we stop."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, cpus: int = 1) -> None:
         self.log = log
         with open(log, "wb") as f:
-            cmd = [str(VENV_BIN / "ray"), "start", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            cmd = [str(VENV_BIN / "ray"), "start", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
                    f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000", "--block",
                    *args]  # fmt: skip
             self.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -239,21 +239,29 @@ def test_sweep_on_a_two_node_cluster_survives_a_driver_kill(
 def test_ray_job_submit_runs_the_sweep_on_the_cluster(
     tmp_path: Path, cluster_env: dict[str, str], ray_tmp: Path, pretrain_cache: Path
 ) -> None:
-    """README's "As a Ray job" route: `ray job submit -- sct-sweep run x.yaml` against a head's job server.
+    """README's "As a Ray job" route: `ray job submit -- sct-sweep run x.yaml` against a head's job server,
+    with two-worker trials spread over the cluster's two nodes (`resources.placement: spread`).
 
     The driver then runs on the cluster (RAY_ADDRESS set by Ray), so `sct-sweep run` needs no --address.
+    Each node has 2 CPUs: packed, a trial's two 1-CPU workers would share a node.
     """
     port, dashboard = free_port(), free_port()
     head = RayNode(
         ["--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--temp-dir={ray_tmp}"],
-        cluster_env, tmp_path / "head.log",
+        cluster_env, tmp_path / "head.log", cpus=2,
     )  # fmt: skip
+    nodes = [head]
     try:
         head.wait_started()
+        nodes.append(RayNode([f"--address=127.0.0.1:{port}"], cluster_env, tmp_path / "worker.log", cpus=2))
+        nodes[1].wait_started()
+        node_ids = _raylet_node_ids(ray_tmp)
+        assert len(node_ids) == 2, node_ids
         spec = tmp_path / "job.yaml"
         raw = tiny_spec("job", pretrain_cache, iterations=20)
         raw["search"] = {"seed": {"grid": [0, 1]}}
+        raw["resources"] = {"cpu": 1, "gpu": 0, "workers": 2, "placement": "spread"}
         spec.write_text(yaml.safe_dump(raw))
         store = f"sqlite:///{tmp_path / 'mlflow.db'}"
         ray = str(VENV_BIN / "ray")
@@ -278,9 +286,12 @@ def test_ray_job_submit_runs_the_sweep_on_the_cluster(
         runs = child_runs(store, "job")
         assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
-        assert {r.data.tags["sct.node_id"] for r in runs} == _raylet_node_ids(ray_tmp)
+        for r in runs:  # spread: one rank on each node (rank 0's node first)
+            assert r.data.tags["sct.world_size"] == "2" and set(r.data.tags["sct.nodes"].split(",")) == node_ids
+            assert [m.step for m in client.get_metric_history(r.info.run_id, "fid_1step")] == [0, 10, 20]
     finally:
-        head.stop()
+        for node in reversed(nodes):
+            node.stop()
     left = _with_env(f"RAY_TMPDIR={ray_tmp}")
     kill_pids(left)
     assert not left, f"processes of the cluster left running: {left}"
