@@ -99,6 +99,22 @@ def _with_env(setting: str) -> list[int]:
     return pids
 
 
+def _left_behind(ray_tmp: Path, grace_s: float = 10.0) -> dict[int, str]:
+    """Processes of the cluster (by its RAY_TMPDIR) still alive `grace_s` after the nodes stopped, with their
+    command lines; killed before returning."""
+    deadline = time.time() + grace_s
+    while (left := _with_env(f"RAY_TMPDIR={ray_tmp}")) and time.time() < deadline:
+        time.sleep(0.5)
+    named = {}
+    for pid in left:
+        try:
+            named[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except OSError:
+            named[pid] = "?"
+    kill_pids(left)
+    return named
+
+
 def _raylet_node_ids(ray_tmp: Path) -> set[str]:
     ids = set()
     for pid in processes_under(str(ray_tmp)):
@@ -230,8 +246,7 @@ def test_sweep_on_a_two_node_cluster_survives_a_driver_kill(
         for node in reversed(nodes):
             node.stop()
         server.stop(graceful=False)
-    left = _with_env(f"RAY_TMPDIR={ray_tmp}")  # any process of this cluster, workers included
-    kill_pids(left)
+    left = _left_behind(ray_tmp)  # any process of this cluster, workers included
     assert not left, f"processes of the cluster left running: {left}"
 
 
@@ -292,6 +307,5 @@ def test_ray_job_submit_runs_the_sweep_on_the_cluster(
     finally:
         for node in reversed(nodes):
             node.stop()
-    left = _with_env(f"RAY_TMPDIR={ray_tmp}")
-    kill_pids(left)
+    left = _left_behind(ray_tmp)
     assert not left, f"processes of the cluster left running: {left}"
