@@ -21,7 +21,10 @@ from dashboards.loader import load_sweep
 from sct_sweeps import schema, tracking
 from sct_sweeps.cli import app
 from sct_sweeps.config import parse_spec
+from sct_sweeps.run_group import RunGroup
 from sct_sweeps.space import plan
+from sct_sweeps.trainable import TuneReporter
+from sct_sweeps.trial_tracker import TrialTracker
 
 
 def _spec(pretrain_cache: Path) -> dict:
@@ -145,3 +148,50 @@ def test_variant_sweep_resumed_after_a_kill_then_evaluated(
         now = {m.step: m.value for m in client.get_metric_history(redo.info.run_id, key)}
         # Equal but for float summation order: this process runs torch on 2 threads, the trial ran on 1.
         assert now == pytest.approx({s: was[s] for s in (50, 60)}, rel=1e-8), (key, was, now)
+
+
+class _Captured(TuneReporter):
+    """A TuneReporter whose Ray side is a list (what it would hand `tune.report`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[tuple[dict, Path | None]] = []
+
+    def send(self, result: dict, checkpoint_dir: Path | None) -> None:
+        self.sent.append((result, checkpoint_dir))
+
+
+def test_reporter_routes_variant_metrics_and_gives_ray_the_best_variant(sqlite_uri: str, tmp_path: Path) -> None:
+    """Training metrics reach every variant's run, `v<k>/...` only run k (as `...`), grids under samples/v<k>/
+    only run k; Ray gets the best variant's value of the sweep's metric (what ASHA and Optuna rank), and the
+    checkpoint names every variant's run."""
+    client = tracking.client(sqlite_uri)
+    exp = tracking.ensure_experiment(client, "route", tmp_path / "art")
+    parent = tracking.start_parent_run(client, exp, "route", {}, "name: route\n", tmp_path)
+    trackers = [TrialTracker(uri=sqlite_uri, experiment_id=exp, parent_run_id=parent, sweep="route", trial_id="t0",
+                             run_name=f"v{k}", tags={}, params={}, variant=f"sampler.eta={k / 2}")
+                for k in range(2)]  # fmt: skip
+    runs = RunGroup(trackers)
+    rep = _Captured(runs, {"node_id": "n"}, metric="fid_4step", mode="min")
+    rep.report(5, {"loss": 1.5, "iteration": 5})
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    rep.report(10, {"v0/fid_4step": 30.0, "v1/fid_4step": 20.0, "v0/fid_1step": 50.0, "v1/fid_1step": 50.0,
+                    "eval_s": 1.0}, ckpt)  # fmt: skip
+    grid = tmp_path / "samples" / "v1" / "grid_4step_it10.png"
+    grid.parent.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(grid)
+    rep.log_artifact(grid)
+    assert runs.finish() == 0
+    (result, sent_ckpt), = rep.sent
+    assert result["fid_4step"] == 20.0 and result["v0/fid_4step"] == 30.0 and sent_ckpt == ckpt
+    assert json.loads((ckpt / "sct_run.json").read_text())["run_ids"] == runs.run_ids
+    for k, tracker in enumerate(trackers):
+        run = client.get_run(tracker.run_id)
+        assert run.data.metrics["loss"] == 1.5 and run.data.metrics["fid_4step"] == [30.0, 20.0][k]
+        assert run.data.tags[schema.VARIANT] == f"sampler.eta={k / 2}" and run.data.tags[schema.TRAINING] == "t0"
+        assert not any("/" in key for key in run.data.metrics)
+        grids = [a.path for a in client.list_artifacts(tracker.run_id, "samples")]
+        assert grids == (["samples/grid_4step_it10.png"] if k == 1 else [])
