@@ -30,13 +30,13 @@ from sct_sweeps.trainable import (
     finished_run,
     numeric_metrics,
     reaches_ray,
-    restore_dir,
     setup_logging,
     train_tracked,
     trainer_dir,
     trial_cfg,
     trial_runs,
 )
+from sct_sweeps.trial_checkpoints import restore_dir
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import yaml
 from sct_sweeps import schema, tracking
 from sct_sweeps.record import SweepRecord
 from sct_sweeps.space import run_name, variant_config
-from sct_sweeps.trainable import RUN_FILE
+from sct_sweeps.trial_checkpoints import RUN_FILE
 from sct_sweeps.trial_tracker import TrialTracker
 from sct_sweeps.variants import eval_axes, variant_key
 from trainer.config import EVAL_ONLY, TrainConfig, is_eval_only, leaf_field

@@ -205,6 +205,9 @@ def _fit(
     before = before or {}
     try:
         results = tuner.fit()
+        from sct_sweeps.trial_checkpoints import prune_ended_sweep
+
+        log.info("pruned %d trial checkpoints the ended sweep no longer needs", prune_ended_sweep(record.results_dir))
         errors = len(results.errors)
         status = "FINISHED"
         client.set_tag(record.parent_run_id, schema.FAILED_TRIALS, str(errors))
@@ -376,7 +379,10 @@ def _make_tuner(spec: SweepSpec, record: SweepRecord, resources: dict[str, float
         run_config=tune.RunConfig(
             name=spec.name,
             storage_path=str(Path(record.results_dir).parent),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # Ray deletes nothing: with num_to_keep it could delete the checkpoint its last experiment-state
+            # snapshot names before the next snapshot, and a resumed trial could not restore. Each trial
+            # prunes its own (trial_checkpoints.prune_ray_checkpoints), keeping what the newest snapshot can name.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             callbacks=callbacks,
             verbose=0,

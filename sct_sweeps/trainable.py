@@ -25,6 +25,7 @@ from sct_sweeps.pretrain import cache_path, with_pretrain
 from sct_sweeps.run_group import RunGroup
 from sct_sweeps.space import run_name, swept_values, trial_config, variant_config
 from sct_sweeps.stores import is_local
+from sct_sweeps.trial_checkpoints import RUN_FILE, Restore, final_checkpoint, prune_ray_checkpoints, restore_dir
 from sct_sweeps.trial_tracker import TrialTracker
 from sct_sweeps.variants import best_of, variant_key
 from trainer.config import TrainConfig, override, split_variant_metric
@@ -33,7 +34,6 @@ from trainer.fingerprint import needs_pretrain
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "sct_run.json"  # written into every checkpoint: which MLflow run the trial logs to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +68,14 @@ class TuneReporter:
     checkpoints) go to Ray too, after the batch is sent. `where` ({node_id, ...}) rides along in Ray's results.
     With evaluated variants, Ray's value of the sweep's `metric` is the best variant's (`mode`)."""
 
-    def __init__(self, tracker: RunGroup, where: Mapping[str, str], metric: str = "", mode: str = "min") -> None:
+    def __init__(
+        self, tracker: RunGroup, where: Mapping[str, str], metric: str = "", mode: str = "min",
+        storage_dir: Path | None = None,
+    ) -> None:
         self.tracker = tracker
         self.where = dict(where)
         self.metric, self.mode = metric, mode
+        self.storage_dir = storage_dir  # the trial's directory in Ray's storage: its checkpoints are pruned there
         self.latest: dict[str, float] = {}  # last value of every metric: Ray results carry them all
 
     def report(self, step: int, metrics: Mapping[str, float], checkpoint_dir: Path | None = None) -> None:
@@ -93,6 +97,8 @@ class TuneReporter:
                     "step": step}
             (Path(checkpoint_dir) / RUN_FILE).write_text(json.dumps(meta))
         self.send(result, checkpoint_dir)
+        if checkpoint_dir is not None and self.storage_dir is not None:
+            prune_ray_checkpoints(self.storage_dir)
 
     def send(self, result: dict[str, Any], checkpoint_dir: Path | None) -> None:
         """To Ray Tune (a one-process trial)."""
@@ -108,70 +114,6 @@ class TuneReporter:
         self.tracker.log_artifact(path, schema.SAMPLES_DIR if path.suffix == ".png" else None)
         if (m := schema.GRID_RE.search(path.name)) and m.group(2) is not None:
             self.tracker.log_image(path, key=f"samples_{m.group(1)}step", step=int(m.group(2)))
-
-
-def _older_checkpoints(ckpt: Any) -> list[Any]:
-    """The trial's checkpoints in storage older than `ckpt`, newest first (Ray keeps `num_to_keep`)."""
-    from pyarrow import fs
-
-    parent, _, name = ckpt.path.rstrip("/").rpartition("/")
-    try:
-        infos = ckpt.filesystem.get_file_info(fs.FileSelector(parent))
-    except OSError:
-        return []
-    older = [i for i in infos if i.type == fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
-    older = sorted((i for i in older if i.base_name < name), key=lambda i: i.base_name, reverse=True)
-    return [type(ckpt)(i.path, filesystem=ckpt.filesystem) for i in older]
-
-
-def _copy_checkpoint(ckpt: Any, dest: Path) -> tuple[Path, dict[str, Any]]:
-    """Ray checkpoint `ckpt` copied to local directory `dest`, and what it says (run id, step)."""
-    shutil.rmtree(dest, ignore_errors=True)
-    path = Path(ckpt.to_directory(str(dest)))
-    run_file = path / RUN_FILE
-    return path, (json.loads(run_file.read_text()) if run_file.is_file() else {})
-
-
-@dataclasses.dataclass(frozen=True)
-class Restore:
-    """Where a trial goes on from: a local copy of its last good checkpoint (None: from the start), what
-    the checkpoint says (run id, step), and why newer checkpoints were skipped."""
-
-    path: Path | None = None
-    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    skipped: str | None = None
-
-
-def restore_dir(ckpt: Any, workdir: Path) -> Restore:
-    """Ray checkpoint `ckpt` (None: nothing to restore) or, if its `state.pt` is truncated or corrupt,
-    the newest usable one before it, copied to `workdir`/resume."""
-    from trainer.checkpoint import load_checkpoint
-    from trainer.errors import CheckpointError
-
-    if ckpt is None:
-        return Restore()
-    skipped: list[str] = []
-    for candidate in [ckpt, *_older_checkpoints(ckpt)]:
-        path, meta = _copy_checkpoint(candidate, workdir / "resume")
-        try:
-            load_checkpoint(path / "state.pt")
-        except CheckpointError as e:
-            reason = str(e).removeprefix(f"{path / 'state.pt'}: ")
-            log.warning("trial checkpoint %s unusable (%s); trying the previous one", candidate.path, reason)
-            skipped.append(f"{candidate.path}: {reason}")
-            continue
-        return Restore(path, meta, "; ".join(skipped) or None)
-    # None usable: hand the trainer Ray's own choice, so the trial fails with the CheckpointError naming it.
-    return Restore(*_copy_checkpoint(ckpt, workdir / "resume"), "; ".join(skipped))
-
-
-def _final_checkpoint(trial_dir: Path, iterations: int) -> Path | None:
-    """The trial's checkpoint (in the results storage) written at its last iteration, if Ray persisted one."""
-    for ckpt in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
-        run_file = ckpt / RUN_FILE
-        if run_file.is_file() and json.loads(run_file.read_text()).get("step") == iterations:
-            return ckpt
-    return None
 
 
 TRAINER_DIR = "trainer_out"  # <results>/<sweep>/trainer_out/<trial id>: the trainer's own files of each trial
@@ -325,7 +267,7 @@ def train_tracked(
                 tracker.set_tag(schema.SKIPPED_CHECKPOINTS, restore.skipped)
         _log_configs(tracker, planned, workdir)
         result = train(cfg, reporter=reporter, resume_from=restore.path)
-        final = _final_checkpoint(Path(ctx.results_dir) / tracker.trial_id, cfg.iterations)
+        final = final_checkpoint(Path(ctx.results_dir) / tracker.trial_id, cfg.iterations)
         _record_checkpoint(tracker, final or result.checkpoint_dir)
     except SystemExit:  # Ray stopped the trial (scheduler decision or sweep end) inside tune.report
         tracker.set_tag(schema.STOPPED, "by scheduler")
@@ -368,9 +310,10 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     tracker = trial_runs(ctx, config, cfg, trial_id=trial_id, run_ids=checkpoint_run_ids(restore.meta), tags=tags)
     done = finished_run(tracker, cfg)
     if done is not None:  # hand Ray the result, train nothing
-        final = _final_checkpoint(Path(ctx.results_dir) / trial_id, cfg.iterations)
+        final = final_checkpoint(Path(ctx.results_dir) / trial_id, cfg.iterations)
         result = {**done.data.metrics, "iteration": cfg.iterations, "node_id": node_id}
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(final)) if final else None)
         return
-    reporter = TuneReporter(tracker, {"node_id": node_id}, ctx.spec.metric, ctx.spec.mode)
+    reporter = TuneReporter(tracker, {"node_id": node_id}, ctx.spec.metric, ctx.spec.mode,
+                            storage_dir=Path(ctx.results_dir) / trial_id)
     train_tracked(tracker, cfg, ctx=ctx, reporter=reporter, restore=restore, tags=tags, workdir=workdir)

@@ -224,3 +224,61 @@ def test_trainer_refuses_a_damaged_resume_checkpoint(tmp_path: Path, damage: str
         state.with_name("state.pt.sha256").unlink()
         with pytest.raises(CheckpointError, match=f"{state}: cannot load checkpoint"):
             load_checkpoint(state)
+
+
+def test_ray_checkpoints_are_pruned_only_where_no_snapshot_can_name_them(tmp_path: Path) -> None:
+    """Ray keeps every checkpoint (num_to_keep=None: with a limit it could delete the one its last
+    experiment-state snapshot names); a trial prunes its own: every checkpoint newer than the newest
+    snapshot stays, and the newest three from before it."""
+    from sct_sweeps.trial_checkpoints import prune_ray_checkpoints
+
+    trial = tmp_path / "exp" / "trial_0"
+    for i in range(8):
+        d = trial / f"checkpoint_{i:06d}"
+        d.mkdir(parents=True)
+        os.utime(d, (1000 + 10 * i, 1000 + 10 * i))
+    assert prune_ray_checkpoints(trial) == []  # no snapshot yet: nothing may go
+    snapshot = tmp_path / "exp" / "experiment_state-2026-12-06_05-00-00.json"
+    snapshot.write_text("{}")
+    os.utime(snapshot, (1045, 1045))  # after checkpoints 0-4, before 5-7
+    gone = prune_ray_checkpoints(trial)
+    assert [d.name for d in gone] == ["checkpoint_000000", "checkpoint_000001"]
+    assert sorted(d.name for d in trial.iterdir()) == [f"checkpoint_{i:06d}" for i in range(2, 8)]
+
+
+@pytest.mark.slow
+def test_a_trial_killed_between_evaluations_resumes_from_its_latest_checkpoint(
+    tmp_path: Path, cli_env: dict[str, str], ray_tmp: Path, pretrain_cache: Path
+) -> None:
+    """`checkpoint_every` checkpoints reach Ray: a worker SIGKILLed at iteration >= 25 with checkpoints every 10
+    and one evaluation at the end resumes from iteration 20 or later, not from the start."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    raw = tiny_spec("between", pretrain_cache, seeds=[0], iterations=40)
+    raw["base"]["eval"].update({"every": 40, "at_start": False})
+    raw["base"]["checkpoint_every"] = 10
+    raw["mlflow_flush_s"] = 0
+    spec = tmp_path / "between.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    results = Path(cli_env["SCT_PROJECT_DIR"]) / "ray_results" / "between"
+    cmd = [sct_sweep(), "run", str(spec), "--tracking-uri", uri, "--num-cpus", "2", "--no-report"]
+    with driver_process(cmd, cli_env, tmp_path / "driver.log") as driver:
+        deadline, killed_at = time.time() + 300, None
+        while time.time() < deadline and driver.poll() is None and killed_at is None:
+            runs = child_runs(uri, "between") if (results / "sct_sweep.json").exists() else []
+            if runs and runs[0].info.status == "RUNNING" and 25 <= runs[0].data.metrics.get("iteration", 0) < 35:
+                pid = trial_worker(ray_tmp, runs[0].data.tags["sct.trial_id"])
+                if pid is not None:
+                    killed_at = int(runs[0].data.metrics["iteration"])
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        log = (tmp_path / "driver.log").read_text()
+        assert killed_at is not None, "the trial was never caught mid-run:\n" + log[-3000:]
+        driver.wait(timeout=300)
+    assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    client = tracking.client(uri)
+    (run,) = child_runs(uri, "between")
+    assert run.info.status == "FINISHED" and run.data.tags["sct.attempts"] == "2", run.data.tags
+    resumed = int(run.data.tags["sct.resumed_from"])
+    assert 20 <= resumed <= killed_at and resumed % 10 == 0, (resumed, killed_at)
+    assert _steps(client, run.info.run_id, "fid_1step") == [40]
+    assert_no_duplicate_steps(client, run)

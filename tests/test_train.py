@@ -226,6 +226,20 @@ def test_checkpoint_pruning_keeps_the_newest_two_and_drops_stale_newer_ones(tmp_
 
 
 
+@pytest.mark.slow
+def test_every_checkpoint_reaches_the_reporter(tmp_path):
+    """`checkpoint_every` checkpoints are reported (with their directory) like evaluation ones, so a sweep's
+    trial killed between evaluations resumes from the latest of them, not from the last evaluation."""
+    cfg = tiny(tmp_path, method="ect", iterations=20, checkpoint_every=5)
+    cfg.eval.every, cfg.eval.at_start = 20, False
+    rep = Collect()
+    train(cfg, rep)
+    reported = [(s, c) for s, _, c in rep.rows if c is not None]
+    assert [s for s, _ in reported] == [5, 10, 15, 20]
+    assert all(c.name == f"it{s:07d}" for s, c in reported)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["it0000015", "it0000020"]
+
+
 def test_eval_only_settings_are_declared_and_leave_training_alone(tmp_path):
     """trainer/config.py's EVAL_ONLY names real settings; changing them leaves the training fingerprint
     and — trained for real — the weights, EMA and snapshots bit for bit; a training setting changes both."""

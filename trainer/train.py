@@ -330,8 +330,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume_from: Path 
             _add_segment(run.state.cost, seg)
             evaluate(run, done)
             seg = _clock()
-        elif done % cfg.checkpoint_every == 0:
+        elif done % cfg.checkpoint_every == 0:  # reported, so a sweep can restore from it (Ray's checkpoint)
             run.last_ckpt = save_state(run, done)
+            run.reporter.report(done, {}, run.last_ckpt)
     if start >= cfg.iterations and not run.history:
         evaluate(run, cfg.iterations)
     return TrainResult(metrics=run.metrics, checkpoint_dir=run.last_ckpt, iterations=cfg.iterations,
