@@ -151,6 +151,9 @@ def cli_env(project: Path, ray_tmp: Path) -> dict[str, str]:
     """Environment for running `sct-sweep` as a subprocess in the private project."""
     env = dict(os.environ)
     env.update(SCT_PROJECT_DIR=str(project), RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1")
+    # Ray snapshots the sweep's state every 10 s or more by default; the tests' trials last seconds and are
+    # killed mid-run, so they need a snapshot that knows their latest checkpoint: every second here.
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     return env
