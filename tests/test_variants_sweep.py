@@ -195,3 +195,34 @@ def test_reporter_routes_variant_metrics_and_gives_ray_the_best_variant(sqlite_u
         assert not any("/" in key for key in run.data.metrics)
         grids = [a.path for a in client.list_artifacts(tracker.run_id, "samples")]
         assert grids == (["samples/grid_4step_it10.png"] if k == 1 else [])
+
+
+@pytest.mark.slow
+def test_optuna_and_asha_search_trainings_and_rank_each_by_its_best_variant(
+    tmp_path: Path, cli_env: dict[str, str], ray_tmp: Path, pretrain_cache: Path
+) -> None:
+    """Optuna samples the training axis (lr), every trial evaluates the η grid, and ASHA / Optuna see for the
+    sweep's metric the trial's best variant."""
+    raw = tiny_spec("optev", pretrain_cache, iterations=20)
+    raw["base"]["sampler"] = {"steps": [1, 4], "edge_skip_mode": "ddim_skip"}
+    raw["search"] = {"sampler.eta": {"grid": [0.0, 0.5]}, "optim.lr": {"loguniform": [5e-4, 2e-3]}}
+    raw.update(algorithm="optuna", num_samples=3, scheduler={"type": "asha", "grace_period": 10},
+               metric="fid_4step")  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    spec = tmp_path / "optev.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sct_sweep(), "run", str(spec), "--tracking-uri", uri, "--num-cpus", "2", "--no-report"],
+                          env=cli_env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0 and "trainings: 3, evaluated variants: 6" in done.stdout, done.stdout[-3000:]
+    runs = child_runs(uri, "optev")
+    by_training: dict[str, list] = {}
+    for r in runs:
+        by_training.setdefault(r.data.tags[schema.TRAINING], []).append(r)
+    assert len(by_training) == 3 and all(len(v) == 2 for v in by_training.values())
+    from ray.tune import ExperimentAnalysis
+
+    results = Path(cli_env["SCT_PROJECT_DIR"]) / "ray_results" / "optev"
+    for trial in ExperimentAnalysis(str(results)).trials:
+        variants = by_training[trial.trial_id]
+        assert len({r.data.tags["sct.axis.optim.lr"] for r in variants}) == 1  # one training, two η
+        assert trial.last_result["fid_4step"] == min(r.data.metrics["fid_4step"] for r in variants)
