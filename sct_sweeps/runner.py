@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sct_sweeps import schema, tracking
+from sct_sweeps.books import reconcile_runs, retire_orphans, unreadable_results
 from sct_sweeps.config import SweepSpec, spec_yaml
 from sct_sweeps.errors import TrackingError
 from sct_sweeps.record import NameClaim, SweepRecord, load_record
@@ -90,48 +92,6 @@ def _find_parent(record: SweepRecord) -> Any:
             f"({str(e).splitlines()[0][:160]}); pass the --tracking-uri the sweep was started with"
         ) from None
     return client
-
-
-def reconcile_runs(record: SweepRecord) -> dict[str, str]:
-    """End child runs left RUNNING (a trial stopped by Ray before it could): status from Ray's state."""
-    from ray.tune import ExperimentAnalysis
-
-    client = tracking.client(record.tracking_uri)
-    ray_status = {t.trial_id: t.status for t in ExperimentAnalysis(record.results_dir).trials}
-    filt = f"tags.`{schema.PARENT}` = '{record.parent_run_id}' and attributes.status = 'RUNNING'"
-    fixed = {}
-    for run in client.search_runs([record.experiment_id], filter_string=filt, max_results=10000):
-        status = ray_status.get(run.data.tags.get(schema.TRIAL_ID, ""), "")
-        mlflow_status = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED")
-        client.set_terminated(run.info.run_id, status=mlflow_status)
-        fixed[run.info.run_id] = mlflow_status
-    return fixed
-
-
-def retire_orphans(record: SweepRecord) -> list[str]:
-    """Child runs of trials missing from Ray's saved experiment state, ended, tagged and deleted.
-
-    Ray snapshots its state every few seconds: a trial started after the last snapshot of a driver
-    that then died is unknown to `Tuner.restore`, which runs its configuration again as a new trial.
-    Its run would be a second, partial run of that configuration; it goes to MLflow's trash
-    (`mlflow runs restore` brings it back) with tag ``sct.orphaned`` saying why.
-    """
-    from ray.tune import ExperimentAnalysis
-
-    known = {t.trial_id for t in ExperimentAnalysis(record.results_dir).trials}
-    client = tracking.client(record.tracking_uri)
-    filt = schema.trial_runs_filter(record.parent_run_id)
-    retired = []
-    for run in client.search_runs([record.experiment_id], filter_string=filt, max_results=10000):
-        if run.data.tags.get(schema.TRIAL_ID) in known:
-            continue
-        why = "its trial was started after Ray's last state snapshot of a driver that died; rerun as a new trial"
-        client.set_tag(run.info.run_id, schema.ORPHANED, why)
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="KILLED")
-        client.delete_run(run.info.run_id)
-        retired.append(run.info.run_id)
-    return retired
 
 
 # -- sweeps ------------------------------------------------------------------------------------
@@ -225,6 +185,8 @@ def _fit(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except (EOFError, pickle.UnpicklingError) as e:  # Ray reading back trial error files it could not write
+        raise unreadable_results(record, e) from None
     finally:
         try:
             fixed = reconcile_runs(record)

@@ -179,8 +179,8 @@ def test_trial_faults_do_not_stop_the_sweep(
     # died) is retired when the sweep resumes: Ray reruns that configuration as a new trial.
     from mlflow.entities import ViewType
 
+    from sct_sweeps.books import retire_orphans
     from sct_sweeps.record import load_record
-    from sct_sweeps.runner import retire_orphans
     from sct_sweeps.stores import resolve_stores
 
     tags = {**{k: v for k, v in good.data.tags.items() if k != "mlflow.runName"}, "sct.trial_id": "lost_00009"}

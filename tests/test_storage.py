@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import processes_under, sct_sweep, tiny_spec
+from conftest import child_runs, processes_under, sct_sweep, tiny_spec
 
 from sct_sweeps.errors import StorageError, user_message
 from sct_sweeps.stores import check_writable
@@ -81,3 +81,31 @@ def test_read_only_then_full_storage_are_refused_before_anything_starts_and_the_
     out = _run(spec, cli_env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "storage" / "stored" / "sct_sweep.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_sweep_is_one_line_and_the_sweep_resumes_once_space_is_back(
+    tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path
+) -> None:
+    """Results on a 3 MB tmpfs: the trials' checkpoints fill it mid-sweep. Ray then leaves empty error files
+    that it cannot read back (it used to end in click's bare "Aborted."). Now: one line naming the
+    directory, exit 2, no run left RUNNING; with the tmpfs grown, `resume` finishes every trial."""
+    raw = tiny_spec("fills", pretrain_cache, seeds=[0, 1, 2, 3], iterations=60)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    env = {**cli_env, "SCT_MIN_FREE_MB": "1"}  # the start-up check passes; the sweep fills the disk later
+    with tmpfs(tmp_path / "storage", "size=3m") as storage:
+        raw["storage"] = str(storage)
+        spec = tmp_path / "fills.yaml"
+        spec.write_text(yaml.safe_dump(raw))
+        cmd = [sct_sweep(), "run", str(spec), "--tracking-uri", uri, "--num-cpus", "2", "--no-report"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
+        assert done.returncode == 2 and len(errors) == 1, done.stdout[-2000:] + done.stderr[-3000:]
+        assert errors[0].startswith(f"error: {storage}") and "sct-sweep resume" in errors[0], errors
+        assert "Aborted" not in done.stderr
+        assert not [r for r in child_runs(uri, "fills") if r.info.status == "RUNNING"]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(storage)], check=True)
+        again = subprocess.run([sct_sweep(), "resume", "fills", "--storage", str(storage), "--num-cpus", "2",
+                                "--no-report"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert again.returncode == 0 and "sweep fills: 4 trials, 0 failed" in again.stdout, again.stdout[-3000:]
+        assert {r.info.status for r in child_runs(uri, "fills")} == {"FINISHED"}
