@@ -344,3 +344,51 @@ def one_error_line(result: Any) -> str:
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+# -- process trees and sockets (the UI's server and its workers) ----------------------------------
+
+
+def listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) with a socket listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.rsplit(":", 1)
+            if int(p, 16) == port and state == "0A":
+                found.append(addr)
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """Live descendants of `pid` (from /proc's PPid links), zombies left out."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text().splitlines()
+            except OSError:
+                continue
+            if any(ln.startswith("State:") and "zombie" in ln for ln in status):
+                continue
+            ppid = next(int(ln.split()[1]) for ln in status if ln.startswith("PPid:"))
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            if "zombie" not in next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                                    if ln.startswith("State:")):
+                alive.add(pid)
+        except (OSError, StopIteration):
+            continue
+    return alive

@@ -46,44 +46,6 @@ def test_validate_shows_workers_per_trial(project: Path, tmp_path: Path, pretrai
     assert "up to 2 at a time" in result.output, result.output  # 2 trials of 2 CPUs each fit in 8
 
 
-@pytest.mark.slow
-def test_two_worker_trials_log_one_run_each(tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path) -> None:
-    run_sweep_cli(two_worker_spec("dp", pretrain_cache), tmp_path, cli_env, trials=2)
-    project = Path(cli_env["SCT_PROJECT_DIR"])
-
-    uri = f"sqlite:///{project / 'mlruns.db'}"
-    from sct_sweeps import tracking
-
-    client = tracking.client(uri)
-    runs = child_runs(uri, "dp")
-    assert len(runs) == 2 and {r.data.tags["sct.axis.seed"] for r in runs} == {"0", "1"}
-    for run in runs:
-        tags = run.data.tags
-        assert run.info.status == "FINISHED", tags.get("sct.error")
-        assert tags["sct.world_size"] == "2"
-        nodes = tags["sct.nodes"].split(",")
-        assert len(nodes) == 2 and nodes[0] == tags["sct.node_id"]
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "fid_1step")] == [0, 10, 20]
-        assert run.data.params["optim.batch_size"] == "64"  # the global batch, split over the workers
-        assert_no_duplicate_steps(client, run)
-
-    from ray.tune import ExperimentAnalysis
-
-    analysis = ExperimentAnalysis(str(project / "ray_results" / "dp"))
-    assert [t.status for t in analysis.trials] == ["TERMINATED"] * 2
-    for trial in analysis.trials:
-        assert trial.last_result["iteration"] == 20 and "fid_1step" in trial.last_result
-        ckpt = Path(trial.last_result["checkpoint_path"])  # Ray Train's checkpoint, in the trial's directory
-        assert ckpt.parent == project / "ray_results" / "dp" / trial.trial_id and (ckpt / "state.pt").is_file()
-
-    status = subprocess.run([sct_sweep(), "status", "dp"], env=cli_env, capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0 and status.stdout.count("TERMINATED") == 2, status.stdout + status.stderr
-    from sct_sweeps.status import trial_rows
-
-    _, rows = trial_rows("dp", project / "ray_results")
-    assert [row[4] for row in rows] == [runs[0].data.tags["sct.node_id"][:12]] * 2  # each trial's node(s)
-
-
 def _train_workers(ray_tmp: Path) -> list[int]:
     """PIDs of the Ray Train workers of the Ray whose temp dir is `ray_tmp` (children of its raylet)."""
     raylets = [pid for pid in processes_under(str(ray_tmp)) if "raylet" in Path(f"/proc/{pid}/cmdline").read_text()]
@@ -168,14 +130,47 @@ def test_interrupted_trial_goes_on_from_its_checkpoint(
 
 
 @pytest.mark.slow
-def test_trials_stopped_by_the_scheduler_free_their_workers(
+def test_two_worker_trials_log_one_run_each_and_free_their_workers_when_stopped(
     tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path
 ) -> None:
-    """ASHA with max_t below the budget stops each trial at iteration 20: the next trial gets the stopped
-    one's workers (no wait for resources) and no MLflow run stays RUNNING."""
-    spec = two_worker_spec("dpstop", pretrain_cache, scheduler={"type": "asha", "max_t": 20, "grace_period": 10})
+    """Two 2-worker trials, each one MLflow run (tagged `sct.world_size` 2 and its ranks' nodes) with a FID
+    history. ASHA with max_t below the budget stops each trial at iteration 20: the next trial gets the
+    stopped one's workers (no wait for resources) and no MLflow run stays RUNNING."""
+    spec = two_worker_spec("dp", pretrain_cache, scheduler={"type": "asha", "max_t": 20, "grace_period": 10})
     spec["base"]["iterations"] = 200
     run_sweep_cli(spec, tmp_path, cli_env, trials=2)
-    runs = child_runs(f"sqlite:///{Path(cli_env['SCT_PROJECT_DIR']) / 'mlruns.db'}", "dpstop")
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
-    assert all(20 <= r.data.metrics["iteration"] < 200 for r in runs), [r.data.metrics["iteration"] for r in runs]
+    project = Path(cli_env["SCT_PROJECT_DIR"])
+    uri = f"sqlite:///{project / 'mlruns.db'}"
+    from sct_sweeps import tracking
+
+    client = tracking.client(uri)
+    runs = child_runs(uri, "dp")
+    assert len(runs) == 2 and {r.data.tags["sct.axis.seed"] for r in runs} == {"0", "1"}
+    for run in runs:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED", tags.get("sct.error")
+        assert tags["sct.world_size"] == "2" and 20 <= run.data.metrics["iteration"] < 200
+        nodes = tags["sct.nodes"].split(",")
+        assert len(nodes) == 2 and nodes[0] == tags["sct.node_id"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "fid_1step")]
+        assert steps == list(range(0, max(steps) + 10, 10)) and max(steps) >= 20, steps  # stopped at 20 or soon after
+        assert run.data.params["optim.batch_size"] == "64"  # the global batch, split over the workers
+        assert_no_duplicate_steps(client, run)
+    exp = client.get_experiment_by_name("dp")
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(project / "ray_results" / "dp"))
+    assert [t.status for t in analysis.trials] == ["TERMINATED"] * 2
+    for trial in analysis.trials:
+        assert 10 <= trial.last_result["iteration"] < 200 and "fid_1step" in trial.last_result  # ASHA: rung 10 or 20
+        ckpt = Path(trial.last_result["checkpoint_path"])  # Ray Train's checkpoint, in the trial's directory
+        assert ckpt.parent == project / "ray_results" / "dp" / trial.trial_id and (ckpt / "state.pt").is_file()
+
+    status = subprocess.run([sct_sweep(), "status", "dp"], env=cli_env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and status.stdout.count("TERMINATED") == 2, status.stdout + status.stderr
+    from sct_sweeps.status import trial_rows
+
+    _, rows = trial_rows("dp", project / "ray_results")
+    assert [row[4] for row in rows] == [runs[0].data.tags["sct.node_id"][:12]] * 2  # each trial's node(s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -21,7 +22,17 @@ from pathlib import Path, PurePath
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import free_port, kill_pids, processes_under, sct_sweep, stop_pid, tiny_spec
+from conftest import (
+    alive,
+    descendants,
+    free_port,
+    kill_pids,
+    listening,
+    processes_under,
+    sct_sweep,
+    stop_pid,
+    tiny_spec,
+)
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
@@ -185,8 +196,8 @@ def _dump_dom(url: str, profile: Path) -> str:
 
 @pytest.mark.slow
 def test_ui_prints_the_runs_page_which_lists_the_trial_runs(sweep: Sweep, tmp_path: Path) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip("no /usr/bin/chromium: run `bash scripts/install_chromium.sh` (apt-get, needs root)")
+    """`sct-sweep ui`: prints the sweep's runs page, serves it on 127.0.0.1 only, the page lists every trial
+    run (headless Chromium), and SIGTERM stops the MLflow server with every worker it started."""
     port = free_port()
     proc = subprocess.Popen([sct_sweep(), "ui", "ident", "--port", str(port)], env=sweep.env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -204,13 +215,25 @@ def test_ui_prints_the_runs_page_which_lists_the_trial_runs(sweep: Sweep, tmp_pa
                 pass
             assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
             time.sleep(0.5)
-        dom = _dump_dom(page, tmp_path / "profile")  # the parent run, its trials nested (collapsed) under it
-        assert "ident-sweep" in dom and re.search(r"<strong>3</strong>\s*matching runs", dom), dom[-3000:]
-        dom = _dump_dom(f"{page}?orderByKey=attributes.run_name&orderByAsc=true", tmp_path / "profile")
-        for c in sweep.children:  # sorted by name, every trial run is listed
-            assert c.info.run_name in dom, f"{c.info.run_name} not on the runs page"
+        assert listening(port) and set(listening(port)) <= {"0100007F"}, listening(port)  # 127.0.0.1 only
+        if CHROMIUM.exists():
+            dom = _dump_dom(page, tmp_path / "profile")  # the parent run, its trials nested (collapsed) under it
+            assert "ident-sweep" in dom and re.search(r"<strong>3</strong>\s*matching runs", dom), dom[-3000:]
+            dom = _dump_dom(f"{page}?orderByKey=attributes.run_name&orderByAsc=true", tmp_path / "profile")
+            for c in sweep.children:  # sorted by name, every trial run is listed
+                assert c.info.run_name in dom, f"{c.info.run_name} not on the runs page"
+        server = descendants(proc.pid)
+        assert len(server) >= 2, server  # the MLflow server and its workers
+        proc.send_signal(signal.SIGTERM)  # before, `ui` exec'd into the server and its workers outlived this
+        assert proc.wait(timeout=30) == 0
+        deadline = time.time() + 10
+        while alive(server) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive(server), f"MLflow processes outlived SIGTERM to sct-sweep ui: {alive(server)}"
+        if not CHROMIUM.exists():
+            pytest.skip("runs page not rendered: no /usr/bin/chromium (`bash scripts/install_chromium.sh`, root)")
     finally:
-        stop_pid(proc, timeout=30)  # the CLI exec'd into the server: this PID is the server
+        stop_pid(proc, timeout=30)
         kill_pids(processes_under(str(sweep.project / "mlruns.db")))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -15,13 +14,8 @@ import pytest
 import yaml
 from conftest import (
     MlflowServer,
-    free_port,
-    kill_pids,
-    processes_under,
     sct_sweep,
-    stop_pid,
     tiny_spec,
-    wait_healthy,
 )
 
 from sct_sweeps import tracking
@@ -129,69 +123,3 @@ def test_sweep_against_mlflow_server(
         assert [f["path"] for f in files] == ["checkpoint/state.pt"] and int(files[0]["file_size"]) > 0, files
     listing = rest(mlflow_server.url, "/api/2.0/mlflow/artifacts/list", run_id=parent_id)
     assert "spec.yaml" in [f["path"] for f in listing.get("files", [])]
-
-
-def _listening(port: int) -> list[str]:
-    """Local addresses (hex, as /proc/net/tcp{,6} write them) with a socket listening on `port`."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, p = local.rsplit(":", 1)
-            if int(p, 16) == port and state == "0A":
-                found.append(addr)
-    return found
-
-
-def _descendants(pid: int) -> set[int]:
-    """Live descendants of `pid` (from /proc's PPid links), zombies left out."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text().splitlines()
-            except OSError:
-                continue
-            if any(ln.startswith("State:") and "zombie" in ln for ln in status):
-                continue
-            ppid = next(int(ln.split()[1]) for ln in status if ln.startswith("PPid:"))
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            if "zombie" not in next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
-                                    if ln.startswith("State:")):
-                alive.add(pid)
-        except (OSError, StopIteration):
-            continue
-    return alive
-
-
-@pytest.mark.slow
-def test_ui_binds_loopback_by_default_and_sigterm_stops_every_server_process(project: Path) -> None:
-    port = free_port()
-    proc = subprocess.Popen([sct_sweep(), "ui", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-        assert _listening(port) and set(_listening(port)) <= {"0100007F"}, _listening(port)  # 127.0.0.1 only
-        assert (project / "mlruns.db").exists()  # the project's store
-        server = _descendants(proc.pid)
-        assert len(server) >= 2, server  # the MLflow server and its workers
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        deadline = time.time() + 10
-        while _alive(server) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not _alive(server), f"MLflow processes outlived SIGTERM to sct-sweep ui: {_alive(server)}"
-    finally:
-        stop_pid(proc, timeout=30)
-        kill_pids(processes_under(str(project / "mlruns.db")))
