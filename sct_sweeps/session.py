@@ -56,6 +56,9 @@ def start_ray(address: str | None, num_cpus: int | None = None, *, state_api: bo
     os.environ.pop("RAY_ADDRESS", None)
     for key, value in {**EMBEDDED_RAY_ENV, **heap_env()}.items():  # Ray's processes inherit them; the user's win
         os.environ.setdefault(key, value)
+    from sct_sweeps import watchdog
+
+    watchdog.start()  # a SIGKILLed driver's Ray goes with it (its agents would linger for a minute)
     import ray
 
     ray.init(

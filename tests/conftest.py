@@ -392,3 +392,16 @@ def alive(pids: set[int]) -> set[int]:
         except (OSError, StopIteration):
             continue
     return alive
+
+
+def with_env(setting: str) -> list[int]:
+    """Live PIDs whose environment holds `setting` (NAME=value), whatever their process title."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if setting.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids

@@ -33,6 +33,7 @@ from conftest import (
     processes_under,
     sct_sweep,
     tiny_spec,
+    with_env,
 )
 
 from sct_sweeps import tracking
@@ -86,24 +87,11 @@ class RayNode:
         self.proc.wait(timeout=10)
 
 
-def _with_env(setting: str) -> list[int]:
-    """Live PIDs whose environment holds `setting` (NAME=value), whatever their process title."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if setting.encode() in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
 def _left_behind(ray_tmp: Path, grace_s: float = 10.0) -> dict[int, str]:
     """Processes of the cluster (by its RAY_TMPDIR) still alive `grace_s` after the nodes stopped, with their
     command lines; killed before returning."""
     deadline = time.time() + grace_s
-    while (left := _with_env(f"RAY_TMPDIR={ray_tmp}")) and time.time() < deadline:
+    while (left := with_env(f"RAY_TMPDIR={ray_tmp}")) and time.time() < deadline:
         time.sleep(0.5)
     named = {}
     for pid in left:
