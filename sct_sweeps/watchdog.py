@@ -23,6 +23,7 @@ from pathlib import Path
 
 MARKER = "SCT_EMBEDDED_RAY"  # NAME=<mark>: set in the environment of every process of one embedded Ray
 POLL_S = 0.5
+NEVER_STARTED_S = 600.0  # a watchdog whose Ray never started goes too
 
 
 def marked(mark: str) -> list[int]:
@@ -49,11 +50,13 @@ def _alive(pid: int) -> bool:
 
 def guard(driver_pid: int, mark: str) -> None:
     """Until the driver dies (then SIGKILL everything marked) or its marked processes have all gone."""
-    seen = False
+    seen, started = False, time.monotonic()
     while _alive(driver_pid):
         left = marked(mark)
         if seen and not left:
             return  # the driver shut its Ray down
+        if not seen and time.monotonic() - started > NEVER_STARTED_S:
+            return  # its Ray never started
         seen = seen or bool(left)
         time.sleep(POLL_S)
     deadline = time.monotonic() + 10
