@@ -56,14 +56,22 @@ def retire_orphans(record: SweepRecord) -> list[str]:
     return retired
 
 
-def unreadable_results(record: SweepRecord, err: BaseException) -> SweepError:
-    """One line for a sweep whose results Ray cannot read back once its trials ended: most often the disk
-    filled mid-sweep and Ray's error files were left empty. Names the directory and what to do."""
+def out_of_room(record: SweepRecord) -> StorageError | None:
+    """One line if the results directory is (nearly) full after a sweep whose trials failed, else None."""
     try:
         check_writable(Path(record.results_dir))
     except StorageError as e:
         where = str(e).split("; ", 1)[0]
         return StorageError(f"{where}: the sweep stopped; free space, then `sct-sweep resume {record.name}` goes on")
+    return None
+
+
+def unreadable_results(record: SweepRecord, err: BaseException) -> SweepError:
+    """One line for a sweep whose results Ray cannot read back once its trials ended: most often the disk
+    filled mid-sweep and Ray's error files were left empty. Names the directory and what to do."""
+    full = out_of_room(record)
+    if full is not None:
+        return full
     name = record.name
     return SweepError(f"{record.results_dir}: Ray could not read back its record of the trials ({type(err).__name__}: "
                       f"{err}); `sct-sweep status {name}` shows them and `sct-sweep resume {name}` goes on")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sct_sweeps import schema, tracking
-from sct_sweeps.books import reconcile_runs, retire_orphans, unreadable_results
+from sct_sweeps.books import out_of_room, reconcile_runs, retire_orphans, unreadable_results
 from sct_sweeps.config import SweepSpec, spec_yaml
 from sct_sweeps.errors import TrackingError
 from sct_sweeps.record import NameClaim, SweepRecord, load_record
@@ -169,6 +169,8 @@ def _fit(
 
         log.info("pruned %d trial checkpoints the ended sweep no longer needs", prune_ended_sweep(record.results_dir))
         errors = len(results.errors)
+        if errors and (full := out_of_room(record)) is not None:  # the trials failed because the disk filled
+            raise full
         status = "FINISHED"
         client.set_tag(record.parent_run_id, schema.FAILED_TRIALS, str(errors))
         trial_s = sum(max(0.0, float((r.metrics or {}).get("time_total_s", 0.0))

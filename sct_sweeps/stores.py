@@ -134,9 +134,10 @@ def resolve_stores(
 MIN_FREE_MB = 200  # a sweep writes checkpoints, results and MLflow rows: less room than this is refused
 
 
-def check_writable(directory: Path) -> None:
+def check_writable(directory: Path, need_mb: float = 0.0) -> None:
     """StorageError unless a file can be created in `directory` (or, before it exists, in its nearest
-    existing parent) and its file system has `SCT_MIN_FREE_MB` (default MIN_FREE_MB) free."""
+    existing parent) and its file system has `SCT_MIN_FREE_MB` (default MIN_FREE_MB), or `need_mb` if more,
+    free."""
     probe_dir = Path(directory)
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
@@ -146,7 +147,7 @@ def check_writable(directory: Path) -> None:
         os.unlink(name)
     except OSError as e:
         raise StorageError(f"{directory}: cannot write there ({e.strerror}); choose a writable directory") from None
-    need = float(os.environ.get("SCT_MIN_FREE_MB", MIN_FREE_MB))
+    need = max(float(os.environ.get("SCT_MIN_FREE_MB", MIN_FREE_MB)), need_mb)
     free = shutil.disk_usage(probe_dir).free / 2**20
     if free < need:
         raise StorageError(f"{directory}: only {free:.0f} MB free (a sweep needs SCT_MIN_FREE_MB = {need:.0f}); "

@@ -24,7 +24,7 @@ from sct_sweeps.errors import RecurringTrialError
 from sct_sweeps.pretrain import cache_path, with_pretrain
 from sct_sweeps.run_group import RunGroup
 from sct_sweeps.space import run_name, swept_values, trial_config, variant_config
-from sct_sweeps.stores import is_local
+from sct_sweeps.stores import check_writable, is_local
 from sct_sweeps.trial_checkpoints import RUN_FILE, Restore, final_checkpoint, prune_ray_checkpoints, restore_dir
 from sct_sweeps.trial_tracker import TrialTracker
 from sct_sweeps.variants import best_of, variant_key
@@ -56,6 +56,10 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = float(v)
     return out
+
+
+def _megabytes(directory: Path) -> float:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) / 2**20
 
 
 def reaches_ray(metrics: Mapping[str, float], checkpoint_dir: Path | None) -> bool:
@@ -92,6 +96,8 @@ class TuneReporter:
         result: dict[str, Any] = {**self.latest, "iteration": step, **self.where}
         if any(not math.isfinite(v) for v in values.values()):
             log.warning("non-finite metric at step %d: %s", step, values)
+        if checkpoint_dir is not None and self.storage_dir is not None:  # room for Ray's copy, and to spare
+            check_writable(self.storage_dir, need_mb=3 * _megabytes(Path(checkpoint_dir)))
         if checkpoint_dir is not None:
             meta = {"run_id": self.tracker.run_id, "run_ids": self.tracker.run_ids, "trial_id": self.tracker.trial_id,
                     "step": step}
@@ -300,6 +306,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         run_workers(config, ctx)
         return
     setup_logging(ctx)
+    check_writable(Path(ctx.results_dir))  # a disk filled by the sweep: fail at once, before copying a checkpoint
     trial_id = tune.get_context().get_trial_id()
     workdir = trainer_dir(ctx, trial_id)
     workdir.mkdir(parents=True, exist_ok=True)

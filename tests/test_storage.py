@@ -87,9 +87,10 @@ def test_read_only_then_full_storage_are_refused_before_anything_starts_and_the_
 def test_a_disk_that_fills_mid_sweep_is_one_line_and_the_sweep_resumes_once_space_is_back(
     tmp_path: Path, cli_env: dict[str, str], pretrain_cache: Path
 ) -> None:
-    """Results on a 3 MB tmpfs: the trials' checkpoints fill it mid-sweep. Ray then leaves empty error files
-    that it cannot read back (it used to end in click's bare "Aborted."). Now: one line naming the
-    directory, exit 2, no run left RUNNING; with the tmpfs grown, `resume` finishes every trial."""
+    """Results on a 3 MB tmpfs: the trials' checkpoints fill it mid-sweep. It used to end in click's bare
+    "Aborted." (Ray's empty error files), and a resume could fail on Ray's cut-off experiment state. Now the
+    trials stop short of a full disk: one line naming the directory, exit 2, no run left RUNNING; with the
+    tmpfs grown, `resume` finishes every trial."""
     raw = tiny_spec("fills", pretrain_cache, seeds=[0, 1, 2, 3], iterations=60)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     env = {**cli_env, "SCT_MIN_FREE_MB": "1"}  # the start-up check passes; the sweep fills the disk later
