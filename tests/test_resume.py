@@ -120,7 +120,9 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_trials(
     deadline = time.time() + 15
     while with_env(f"RAY_TMPDIR={ray_tmp}") and time.time() < deadline:
         time.sleep(0.5)
-    assert not with_env(f"RAY_TMPDIR={ray_tmp}"), "Ray processes outlived the SIGKILLed driver"
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
+            for pid in with_env(f"RAY_TMPDIR={ray_tmp}")}  # fmt: skip
+    assert not left, f"Ray processes outlived the SIGKILLed driver: {left}"
     # `sct-sweep status` shows what the driver last saved: the interrupted trial as RUNNING (not PENDING).
     from sct_sweeps.status import trial_states
 
